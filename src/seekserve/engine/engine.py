@@ -104,7 +104,9 @@ class LLMEngine:
             limit = max(limit, int(arch.rope_scaling.get("original_max_position_embeddings", limit)
                                    * arch.rope_scaling.get("factor", 1.0)))
         if config.max_model_len is None:
-            return limit
+            # dynamic NTK only rescales when a longer context is asked for explicitly
+            dynamic = bool(arch.rope_scaling) and arch.rope_scaling.get("rope_type") == "dynamic"
+            return arch.max_position_embeddings if dynamic else limit
         if config.max_model_len > limit:
             raise InvalidRequestError(f"max_model_len={config.max_model_len} exceeds the model's limit "
                                       f"({limit} positions, from config.json)", param="max_model_len")

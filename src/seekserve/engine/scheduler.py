@@ -69,8 +69,10 @@ class Scheduler:
         self.running.sort(key=lambda s: s.sort_key)
         if self.preempt_for_priority:
             self._preempt_for_waiting_priority(out)
+        num_priority_preemptions = len(out.preempted)
         budget = self._schedule_running(out, budget)
-        if not out.preempted:  # no admissions in a step that had to preempt: avoids thrashing
+        if len(out.preempted) == num_priority_preemptions:
+            # no admissions in a step that ran out of blocks: avoids thrashing
             self._schedule_waiting(out, budget)
         return out
 
