@@ -73,9 +73,12 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
-        self.num_prefix_queries += seq.num_tokens
-        self.num_prefix_hits += len(hits) * bs
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted prompt's lookup (metrics: prefix_cache_queries / prefix_cache_hits)."""
+        self.num_prefix_queries += num_tokens
+        self.num_prefix_hits += num_hit_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks the sequence has filled (computed) since the last call."""

@@ -77,26 +77,46 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        """Decodes before prefill chunks (so a long prompt never stalls running generations), each group
+        by priority. A victim preempted for blocks is always the worst running sequence; if it was
+        already scheduled in this step, its slot and budget are taken back."""
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.sort_key))
+        preempted: set[int] = set()
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.seq_id in preempted:
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             total = seq.num_computed_tokens + num_new
             while not self.block_manager.can_append(seq, total):
                 victim = self.running[-1]
+                budget += self._unschedule(victim, out)
                 self._preempt(victim, out)
+                preempted.add(victim.seq_id)
                 if victim is seq:
-                    return budget
-            self.block_manager.append_slots(seq, total)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-            i += 1
+                    break
+            else:
+                self.block_manager.append_slots(seq, total)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
         return budget
+
+    @staticmethod
+    def _unschedule(seq: Sequence, out: SchedulerOutput) -> int:
+        """Drop seq from this step's plan; returns the tokens it had been given."""
+        for i, s in enumerate(out.scheduled):
+            if s.seq is seq:
+                del out.scheduled[i]
+                return s.num_new_tokens
+        return 0
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0][1]
+            if any(p is seq for p in out.preempted):
+                break  # preempted in this very step: re-admitting it would only waste the recompute
             computed = bm.get_computed_blocks(seq)
             num_cached = len(computed) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -105,8 +125,9 @@ class Scheduler:
             heapq.heappop(self.waiting)
             bm.allocate(seq, computed, num_cached + num_new)
             seq.num_computed_tokens = num_cached
-            if seq.num_cached_tokens is None:
+            if seq.num_cached_tokens is None:  # first admission (not a resume after preemption)
                 seq.num_cached_tokens = num_cached
+                bm.record_prefix_lookup(seq.num_tokens, num_cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
