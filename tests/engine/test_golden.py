@@ -61,7 +61,13 @@ def greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [o.token_ids for o in engine.generate(prompts, params)]
 
 
-def test_greedy_batch_matches_transformers(golden) -> None:
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native-kernels", "pytorch-only"])
+def test_greedy_batch_matches_transformers(golden, native_kernels: bool, monkeypatch) -> None:
+    """Both paths: the native CPU kernels (attention, norm, rotary, SiLU) and the plain PyTorch fallback."""
+    from seekserve.engine import kernels
+
+    if not native_kernels:
+        monkeypatch.setattr(kernels, "kernels_for", lambda t: None)
     path, prompts, refs, tops, _ = golden
     engine = make_engine(path, enable_prefix_caching=False)
     got = greedy(engine, prompts)

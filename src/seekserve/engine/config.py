@@ -22,7 +22,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048      # token budget per step (prefill chunks + decodes)
     block_size: int = 16                    # tokens per KV block
     kv_cache_memory_gb: float | None = None # KV budget; None = derived from free memory
-    kv_cache_memory_fraction: float = 0.3   # share of free memory used when no budget is given
+    kv_cache_memory_fraction: float | None = None  # share of free memory without a budget: 0.3 CPU, 0.85 GPU
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1           # --tensor-parallel
     preempt_for_priority: bool = True       # a waiting higher-priority request may preempt a running one
@@ -42,7 +42,8 @@ class EngineConfig:
         check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", "must be a power of two <= 128")
         check(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
               "must be > 0")
-        check(0 < self.kv_cache_memory_fraction <= 0.95, "kv_cache_memory_fraction", "must be in (0, 0.95]")
+        check(self.kv_cache_memory_fraction is None or 0 < self.kv_cache_memory_fraction <= 0.95,
+              "kv_cache_memory_fraction", "must be in (0, 0.95]")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         if self.tensor_parallel_size > 1:
             raise InvalidRequestError(

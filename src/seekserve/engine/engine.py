@@ -134,7 +134,9 @@ class LLMEngine:
         finally:
             torch.set_default_dtype(previous)
         model.rotary.to(torch.float32)  # the cos/sin table stays float32, cast per step like transformers
-        load_weights(folder, model.checkpoint_targets())
+        self.weight_bytes = load_weights(folder, model.checkpoint_targets()).num_bytes
+        if device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            model.pack_for_cpu()
         return model.eval()
 
     def _warm_up(self) -> None:

@@ -28,10 +28,12 @@ def available_host_memory() -> int:
     return max(available, 0)
 
 
-def kv_cache_budget_bytes(memory_gb: float | None, fraction: float, device: torch.device) -> int:
+def kv_cache_budget_bytes(memory_gb: float | None, fraction: float | None, device: torch.device) -> int:
+    """An explicit budget wins; otherwise a share of what is free after the weights were loaded: a GPU
+    is the model's alone (0.85), host memory is shared with everything else (0.3)."""
     if memory_gb is not None:
         return int(memory_gb * 2**30)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    return int(available_host_memory() * fraction)
+        return int(free * (fraction or 0.85))
+    return int(available_host_memory() * (fraction or 0.3))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from seekserve.engine import kernels
 from seekserve.engine.outputs import TokenLogprobs
 from seekserve.engine.sequence import Sequence
 
@@ -29,7 +30,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
-        tokens = logits.argmax(dim=-1)
+        tokens = kernels.argmax(logits)
+        if tokens is None:
+            tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)

@@ -102,10 +102,6 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos_cache", emb.cos() * attention_scaling, persistent=False)
         self.register_buffer("sin_cache", emb.sin() * attention_scaling, persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # (T, D) each, cast like Hugging Face does before the multiply
-        return self.cos_cache[positions].to(dtype), self.sin_cache[positions].to(dtype)
-
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (T, heads, D); cos/sin: (T, D)."""

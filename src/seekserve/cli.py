@@ -1,0 +1,66 @@
+"""`seekserve` command line. Subcommands: generate (offline, with the native engine)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from seekserve.engine.errors import EngineError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", required=True, help="Hugging Face model folder (or hub id org/name)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (default: the checkpoint's; float16 on CPU -> bfloat16)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--batch-size", type=int, default=64, help="max sequences per engine step (default 64)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="max prompt + output tokens per sequence (default: the model's limit)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="devices per model (only 1 is supported)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache budget in GiB (default: 30%% of free memory)")
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from seekserve.engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_path=a.model_path, dtype=a.dtype, device=a.device,
+                                    max_num_seqs=a.batch_size, max_model_len=a.max_sequence_length,
+                                    tensor_parallel_size=a.tensor_parallel, kv_cache_memory_gb=a.kv_cache_memory))
+    params = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, seed=a.seed)
+    prompts = a.prompts
+    if a.chat:
+        prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        prompts = [engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    for out in engine.generate(prompts, params):
+        print(out.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seekserve", description="Self-hosted DeepSeek-compatible model server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline with the native engine")
+    _add_engine_args(gen)
+    gen.add_argument("prompts", nargs="+", help="one or more prompts")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as e:
+        print(f"seekserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
