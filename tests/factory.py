@@ -73,3 +73,52 @@ def make_checkpoint(out: Path, arch: str = "llama", vocab_size: int = 512, dtype
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
     return out
+
+
+def make_scripted_checkpoint(out: Path, text: str, template: str | None = None, vocab_size: int = 512,
+                             hidden_size: int = 128) -> Path:
+    """A real Llama checkpoint whose weights are set so greedy decoding writes `text`, then EOS.
+
+    Every block's output projection is zero, so the last hidden state is the current token's embedding;
+    lm_head row `b` is set to the (normalized) embedding of the token that precedes `b` in the script, so
+    the argmax after token `a` is its successor. The script starts after the last token of the prompt
+    (the chat template's generation prompt), so `text`'s tokens (and that start token) must not repeat."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (ensures tokenizers integration present)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(400)
+    tok.save(str(out / "tokenizer.json"))
+    cfg_json: dict[str, Any] = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                                "tokenizer_class": "PreTrainedTokenizerFast",
+                                "chat_template": template or CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg_json))
+    from seekserve.engine.tokenizer import Tokenizer as OurTokenizer
+
+    ours = OurTokenizer(out)
+    prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}])
+    start = ours.encode(prompt, add_special_tokens=False)[-1]
+    script = ours.encode(text, add_special_tokens=False)
+    chain = [start, *script, 1]  # 1 = EOS
+    assert len(set(chain)) == len(chain), f"script tokens repeat: {chain}"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        emb = torch.randn(vocab_size, hidden_size)
+        model.model.embed_tokens.weight.copy_(emb)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        head = torch.zeros(vocab_size, hidden_size)
+        unit = emb / emb.norm(dim=1, keepdim=True)
+        for a, b in zip(chain, chain[1:]):
+            head[b] += 40.0 * unit[a]
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,4 +1,4 @@
-"""`seekserve` command line. Subcommands: generate (offline, with the native engine)."""
+"""`seekserve` command line. Subcommands: serve (the HTTP server), generate (offline, native engine)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,71 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every flag maps to a Settings field; unset flags fall through to SEEKSERVE_* env, then the file."""
+    from pydantic_core import PydanticUndefined
+
+    from seekserve.config import Settings
+
+    fields = Settings.model_fields
+
+    def add(flag: str, dest: str, **kw) -> None:
+        default_note = fields[dest].default
+        help_text = fields[dest].description or ""
+        if default_note not in (None, [], "", PydanticUndefined):
+            help_text += f" (default: {default_note})"
+        p.add_argument(flag, dest=dest, default=None, help=f"{help_text} [env SEEKSERVE_{dest.upper()}]", **kw)
+
+    p.add_argument("--config", dest="config_file", default=None,
+                   help="YAML file of settings (default: /etc/seekserve/config.yaml if it exists) [env SEEKSERVE_CONFIG]")
+    add("--host", "host")
+    add("--port", "port", type=int)
+    add("--model-path", "model_path")
+    add("--served-model-name", "served_model_name", nargs="+")
+    add("--dtype", "dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    add("--device", "device")
+    add("--batch-size", "batch_size", type=int)
+    add("--max-sequence-length", "max_sequence_length", type=int)
+    add("--tensor-parallel", "tensor_parallel", type=int)
+    add("--kv-cache-memory", "kv_cache_memory", type=float)
+    add("--max-num-batched-tokens", "max_num_batched_tokens", type=int)
+    add("--enable-prefix-caching", "enable_prefix_caching", action=argparse.BooleanOptionalAction)
+    add("--reasoning-parser", "reasoning_parser", choices=["auto", "deepseek-r1", "none"])
+    add("--api-key", "api_key", nargs="+")
+    add("--max-queued-requests", "max_queued_requests", type=int)
+    add("--max-request-body-bytes", "max_request_body_bytes", type=int)
+    add("--drain-timeout", "drain_timeout", type=float)
+    add("--keepalive-interval", "keepalive_interval", type=float)
+    add("--log-level", "log_level", choices=["debug", "info", "warning", "error"])
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from seekserve.config import ConfigFileError, load_settings
+    from seekserve.server import serve
+
+    flags = {k: v for k, v in vars(a).items() if k not in ("command", "func", "config_file")}
+    try:
+        settings = load_settings(flags, a.config_file)
+    except (ValidationError, ConfigFileError) as e:
+        print(f"seekserve: invalid settings: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    return serve(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seekserve", description="Self-hosted DeepSeek-compatible model server")
+    parser = argparse.ArgumentParser(
+        prog="seekserve", description="Self-hosted DeepSeek-compatible model server",
+        epilog="Settings precedence for serve: command-line flags > SEEKSERVE_* environment > config file > defaults.")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="serve the OpenAI/DeepSeek-compatible HTTP API",
+                         description="Serve a model over the OpenAI/DeepSeek-compatible HTTP API. With no "
+                                     "--model-path, the tiny model shipped with seekserve. Precedence: flags > "
+                                     "SEEKSERVE_* environment > config file > defaults.")
+    _add_serve_args(srv)
+    srv.set_defaults(func=_cmd_serve)
     gen = sub.add_parser("generate", help="generate text offline with the native engine")
     _add_engine_args(gen)
     gen.add_argument("prompts", nargs="+", help="one or more prompts")

@@ -13,8 +13,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from seekserve.engine.engine import EngineStats, LLMEngine, Prompt
-from seekserve.engine.errors import EngineDeadError
+from seekserve.engine.engine import EngineStats, LLMEngine, PreparedRequest, Prompt
+from seekserve.engine.errors import EngineDeadError, InvalidRequestError
 from seekserve.engine.outputs import IncrementalOutput
 from seekserve.engine.params import SamplingParams
 
@@ -51,18 +51,26 @@ class AsyncEngine:
         """A snapshot taken by the engine thread after its last step."""
         return self._stats
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       priority: int = 0, cache_salt: str | bytes | None = None) -> AsyncIterator[IncrementalOutput]:
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                 priority: int = 0, cache_salt: str | bytes | None = None) -> AsyncIterator[IncrementalOutput]:
         """Yield outputs until every one of the request's n completions has finished. Raises
-        InvalidRequestError before the first output for a bad request, EngineDeadError if the loop died."""
+        InvalidRequestError at once for a bad request, EngineDeadError if the loop is not running."""
+        req = self.engine.prepare_request(request_id or uuid.uuid4().hex, prompt, params, priority, cache_salt)
+        return self.stream(req)
+
+    def stream(self, req: PreparedRequest) -> AsyncIterator[IncrementalOutput]:
+        """Submit a prepared request now; iterate to receive its outputs."""
         if self._dead is not None or self._stopped.is_set():
             raise EngineDeadError("the engine loop is not running") from self._dead
-        request_id = request_id or uuid.uuid4().hex
-        req = self.engine.prepare_request(request_id, prompt, params, priority, cache_salt)
         stream = _Stream(asyncio.get_running_loop(), req.params.n)
         with self._lock:
-            self._streams[request_id] = stream
+            if req.request_id in self._streams:
+                raise InvalidRequestError(f"request id {req.request_id!r} is already in use", param="request_id")
+            self._streams[req.request_id] = stream
         self._send("add", req)
+        return self._iterate(req.request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[IncrementalOutput]:
         finished = False
         try:
             while True:

@@ -17,6 +17,21 @@ from seekserve.engine.errors import InvalidRequestError, ModelLoadError
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character standing for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
 def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):  # serialized AddedToken
         return value.get("content")
@@ -40,6 +55,7 @@ class Tokenizer:
         self.chat_template = self._find_chat_template(folder, config)
         self._template: jinja2.Template | None = None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(path.read_text()).get("decoder"))
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any]:
@@ -69,6 +85,13 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (a byte-level token may be part of a UTF-8 character)."""
+        piece = self._tok.id_to_token(token_id)
+        if self._byte_level and piece and all(c in BYTE_DECODER for c in piece):
+            return bytes(BYTE_DECODER[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:

@@ -1,0 +1,112 @@
+"""POST /v1/chat/completions (also /chat/completions)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from seekserve.api.context import Authenticated, Context
+from seekserve.api.errors import APIError
+from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
+                                      sampling_params)
+from seekserve.api.schemas import ChatCompletionRequest
+from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, guard, with_keepalive
+from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
+
+router = APIRouter(dependencies=[Authenticated])
+
+
+def _logprobs(entries: list[LogprobEntry] | None) -> list[dict[str, Any]] | None:
+    if entries is None:
+        return None
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in e.top]} for e in entries]
+
+
+@router.post("/chat/completions", summary="Create a chat completion")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context):
+    info = ctx.model(body.model)
+    if any(m.reasoning_content for m in body.messages):
+        # DeepSeek's rule: reasoning_content of earlier turns must not be sent back
+        raise APIError(400, "reasoning_content must not be included in input messages", param="messages")
+    params = sampling_params(body)
+    rid = request_id("chatcmpl")
+    gen = GenerationRequest(request_id=rid, model=info.id, kind="chat", params=params,
+                            messages=[{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                                      for m in body.messages],
+                            chat_template_kwargs=body.chat_template_kwargs or {})
+    chunks = ctx.backend.start(gen)
+    ctx_created, timer = int(time.time()), RequestTimer(ctx.metrics, info.id)
+    base = {"id": rid, "created": ctx_created, "model": info.id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _sse(merge([chunks]), base, info.reasoning, include_usage, ctx.settings.keepalive_interval,
+                      body.n, timer, body.logprobs)
+        return StreamingResponse(guard(stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    items = await collect_or_abort(request, merge([chunks]))
+    return _response(items, base, info.reasoning, body.n, timer, body.logprobs)
+
+
+def _response(items: list[tuple[int, Chunk]], base: dict[str, Any], reasoning: bool, n: int,
+              timer: RequestTimer, want_logprobs: bool) -> dict[str, Any]:
+    usage = UsageTracker()
+    choices: list[dict[str, Any]] = [{"content": "", "reasoning": "", "logprobs": [], "finish": None}
+                                     for _ in range(n)]
+    for source, chunk in items:
+        timer.tokens(chunk)
+        usage.add(source, chunk.index, chunk)
+        c = choices[chunk.index]
+        c["content"] += chunk.text
+        c["reasoning"] += chunk.reasoning_text
+        c["logprobs"] += chunk.logprobs or []
+        c["finish"] = chunk.finish_reason or c["finish"]
+    timer.done(usage)
+    out = []
+    for i, c in enumerate(choices):
+        message: dict[str, Any] = {"role": "assistant", "content": c["content"]}
+        if reasoning:
+            message["reasoning_content"] = c["reasoning"]
+        out.append({"index": i, "message": message,
+                    "logprobs": {"content": _logprobs(c["logprobs"])} if want_logprobs else None,
+                    "finish_reason": c["finish"]})
+    return {**base, "object": "chat.completion", "choices": out, "usage": usage.usage(reasoning),
+            "system_fingerprint": None}
+
+
+async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], reasoning: bool,
+               include_usage: bool, keepalive: float, n: int, timer: RequestTimer,
+               want_logprobs: bool) -> AsyncIterator[str]:
+    usage = UsageTracker()
+    head = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
+    started = [False] * n
+    async for item in with_keepalive(source, keepalive):
+        if item is None:
+            yield KEEPALIVE
+            continue
+        source_idx, chunk = item
+        timer.tokens(chunk)
+        usage.add(source_idx, chunk.index, chunk)
+        delta: dict[str, Any] = {}
+        if not started[chunk.index]:
+            started[chunk.index] = True
+            delta["role"] = "assistant"
+            delta["content"] = ""
+        if chunk.text:
+            delta["content"] = chunk.text
+        if reasoning and chunk.reasoning_text:
+            delta["reasoning_content"] = chunk.reasoning_text
+        if not delta and not chunk.finish_reason and not chunk.logprobs:
+            continue
+        choice = {"index": chunk.index, "delta": delta,
+                  "logprobs": {"content": _logprobs(chunk.logprobs)} if want_logprobs else None,
+                  "finish_reason": chunk.finish_reason}
+        yield frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+    timer.done(usage)
+    if include_usage:
+        yield frame({**head, "choices": [], "usage": usage.usage(reasoning)})
+    yield DONE_FRAME

@@ -1,0 +1,115 @@
+"""POST /v1/completions (also /completions): prompt as a string, a list of strings, token ids or a list
+of token-id lists; each prompt gets n choices, indexed prompt * n + i."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from seekserve.api.context import Authenticated, Context
+from seekserve.api.errors import APIError
+from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
+                                      sampling_params)
+from seekserve.api.schemas import CompletionRequest
+from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, guard, with_keepalive
+from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
+
+router = APIRouter(dependencies=[Authenticated])
+MAX_PROMPTS = 64
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]  # type: ignore[list-item]
+    if len(prompt) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
+    """The legacy completions format: parallel lists, text offsets from `offset`."""
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+        tokens.append(e.token)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: v for t, v, _ in e.top} for e in entries], "text_offset": offsets}
+
+
+@router.post("/completions", summary="Create a completion")
+async def create_completion(body: CompletionRequest, request: Request, ctx: Context):
+    info = ctx.model(body.model)
+    params = sampling_params(body)
+    prompts = _prompts(body.prompt)
+    rid = request_id("cmpl")
+    streams = [ctx.backend.start(GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion",
+                                                   params=params, prompt=p)) for i, p in enumerate(prompts)]
+    echoes = ([p if isinstance(p, str) else ctx.backend.detokenize(p) for p in prompts] if body.echo
+              else [""] * len(prompts))
+    base = {"id": rid, "created": int(time.time()), "model": info.id}
+    timer = RequestTimer(ctx.metrics, info.id)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _sse(merge(streams), base, body.n, echoes, include_usage, ctx.settings.keepalive_interval, timer,
+                      body.logprobs is not None)
+        return StreamingResponse(guard(events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    items = await collect_or_abort(request, merge(streams))
+    usage = UsageTracker()
+    choices = [{"text": echoes[i // body.n], "logprobs": [], "finish": None} for i in range(len(prompts) * body.n)]
+    for source, chunk in items:
+        timer.tokens(chunk)
+        idx = source * body.n + chunk.index
+        usage.add(source, idx, chunk)
+        choices[idx]["text"] += chunk.text
+        choices[idx]["logprobs"] += chunk.logprobs or []
+        choices[idx]["finish"] = chunk.finish_reason or choices[idx]["finish"]
+    timer.done(usage)
+    out = [{"index": i, "text": c["text"],
+            "logprobs": _logprobs(c["logprobs"], len(echoes[i // body.n])) if body.logprobs is not None else None,
+            "finish_reason": c["finish"]} for i, c in enumerate(choices)]
+    return {**base, "object": "text_completion", "choices": out, "usage": usage.usage(False),
+            "system_fingerprint": None}
+
+
+async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n: int, echoes: list[str],
+               include_usage: bool, keepalive: float, timer: RequestTimer, want_logprobs: bool
+               ) -> AsyncIterator[str]:
+    usage = UsageTracker()
+    head = {**base, "object": "text_completion"}
+    offsets: dict[int, int] = {}   # choice -> text offset of its next token
+    echoed: set[int] = set()
+    async for item in with_keepalive(source, keepalive):
+        if item is None:
+            yield KEEPALIVE
+            continue
+        source_idx, chunk = item
+        timer.tokens(chunk)
+        idx = source_idx * n + chunk.index
+        usage.add(source_idx, idx, chunk)
+        text = chunk.text
+        if idx not in echoed:
+            echoed.add(idx)
+            text = echoes[source_idx] + text
+        if not text and not chunk.finish_reason:
+            continue
+        lp = None
+        if want_logprobs:
+            start = offsets.get(idx, len(echoes[source_idx]))
+            lp = _logprobs(chunk.logprobs or [], start)
+            offsets[idx] = start + sum(len(e.token) for e in chunk.logprobs or [])
+        choice = {"index": idx, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
+        yield frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+    timer.done(usage)
+    if include_usage:
+        yield frame({**head, "choices": [], "usage": usage.usage(False)})
+    yield DONE_FRAME

@@ -1,0 +1,1 @@
+"""Backends: one protocol (`base.Backend`), several engines behind it (local native engine today)."""
