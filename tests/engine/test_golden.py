@@ -126,3 +126,12 @@ def test_logprobs_equal_log_softmax_of_reference(golden) -> None:
         assert [t for t, _ in lp.top] == ref_top.indices.tolist()
         for (_, v), rv in zip(lp.top, ref_top.values.tolist()):
             assert abs(v - rv) < 1e-4
+
+
+def test_equal_length_prompts_take_the_causal_fast_path(golden) -> None:
+    """Fresh prompts of one length are attended without a mask or a cache gather; same tokens."""
+    path, prompts, _, _, model = golden
+    same = [p[:1] + [(t * 7 + i) % 400 + 3 for t in range(30)] for i, p in enumerate(prompts[:6])]
+    refs = [hf_greedy(model, s)[0, len(s):].tolist() for s in same]
+    engine = make_engine(path, enable_prefix_caching=False)
+    assert greedy(engine, same) == refs

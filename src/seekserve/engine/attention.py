@@ -25,6 +25,8 @@ class AttnGroup:
     mask: torch.Tensor | None       # (B, 1, Qmax, max_blocks * block_size) bool, True = may attend
     block_tables: torch.Tensor      # (B, max_blocks) block ids per sequence (pads: block 0, masked)
     kv_lens: torch.Tensor           # (B,) keys per sequence, the new ones included
+    is_fresh: bool = False          # no sequence has earlier keys: attend to the new k/v, no cache gather
+    is_uniform: bool = False        # ... and all have the same length: plain causal attention, no mask
 
 
 @dataclass
@@ -52,13 +54,20 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, transposed: bool) -
     return blocks.permute(0, 2, 1, 3, 4).reshape(B, kvh, nb * bs, d)
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttnGroup,
-            scale: float) -> torch.Tensor:
-    """q: (T_all, H, D) -> (group.num_tokens, H, D)."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            group: AttnGroup, scale: float) -> torch.Tensor:
+    """q: (T_all, H, D), k/v: (T_all, KVH, D) this step's -> (group.num_tokens, H, D)."""
     q_pad = q[group.query_index].transpose(1, 2)                  # (B, H, Qmax, D)
-    k_pad = _gather(k_cache, group.block_tables, transposed=True)  # (B, KVH, Kmax, D)
-    v_pad = _gather(v_cache, group.block_tables, transposed=False)
-    out = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, attn_mask=group.mask, scale=scale,
+    if group.is_fresh:   # prompts from their first token: their keys are all in this step's k/v
+        k_pad = k[group.query_index].transpose(1, 2)              # (B, KVH, Qmax, D)
+        v_pad = v[group.query_index].transpose(1, 2)
+        mask = None if group.is_uniform else group.mask[..., :q_pad.shape[2]]
+    else:
+        k_pad = _gather(k_cache, group.block_tables, transposed=True)  # (B, KVH, Kmax, D)
+        v_pad = _gather(v_cache, group.block_tables, transposed=False)
+        mask = group.mask
+    out = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, attn_mask=mask, scale=scale,
+                                         is_causal=group.is_fresh and group.is_uniform,
                                          enable_gqa=q_pad.shape[1] != k_pad.shape[1])
     out = out.transpose(1, 2)                                     # (B, Qmax, H, D)
     if group.query_valid is None:
@@ -66,15 +75,15 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group
     return out[group.query_valid]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: (T, H, D), new keys already written to the cache -> (T, H, D)."""
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: (T, H, D) and this step's k, v: (T, KVH, D), already written to the cache -> (T, H, D)."""
     parts = []
     if meta.decode is not None:
         g = meta.decode
         out = paged_decode_attention(q[:g.num_tokens], k_cache, v_cache, g.block_tables, g.kv_lens, scale,
                                      meta.block_size)
-        parts.append(out if out is not None else _attend(q, k_cache, v_cache, g, scale))
+        parts.append(out if out is not None else _attend(q, k, v, k_cache, v_cache, g, scale))
     if meta.prefill is not None:
-        parts.append(_attend(q, k_cache, v_cache, meta.prefill, scale))
+        parts.append(_attend(q, k, v, k_cache, v_cache, meta.prefill, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -85,6 +85,8 @@ class ModelRunner:
         q_pos = torch.where(q_valid, starts.unsqueeze(1) + q_off, 0)                         # pads see key 0
         mask = (key_pos.unsqueeze(1) <= q_pos.unsqueeze(2)).unsqueeze(1)                     # (B, 1, Qmax, Kmax)
         to = self.device
+        is_fresh = bool((starts == 0).all())
         return AttnGroup(num_tokens=int(lens.sum()), query_index=query_index.to(to),
                          query_valid=None if bool(q_valid.all()) else q_valid.to(to), mask=mask.to(to),
-                         block_tables=tables.to(to), kv_lens=kv_lens.to(to))
+                         block_tables=tables.to(to), kv_lens=kv_lens.to(to), is_fresh=is_fresh,
+                         is_uniform=is_fresh and bool((lens == q_max).all()))

@@ -107,8 +107,9 @@ class Attention(nn.Module):
             q = apply_rotary(q.view(T, H, D), cos, sin)                          # (T, H, D)
             k = apply_rotary(k.view(T, KVH, D), cos, sin)                        # (T, KVH, D)
         k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v.view(T, KVH, D), meta)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)              # (T, H, D)
+        v = v.view(T, KVH, D)
+        write_kv(k_cache, v_cache, k, v, meta)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)        # (T, H, D)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
