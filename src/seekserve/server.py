@@ -69,8 +69,10 @@ def serve(settings: Settings) -> int:
     backend = build_backend(settings)
     state = ServerState()
     app = create_app(settings, backend, state)
+    # the drain already gave in-flight requests their --drain-timeout; uvicorn's own grace period after it only
+    # needs to flush what is written (not 5 more seconds: a 30 s drain must fit a 30 s termination grace)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, access_log=False)
+                            timeout_graceful_shutdown=1, access_log=False)
     server = DrainingServer(config, state, settings.drain_timeout)
     try:
         server.run()

@@ -85,10 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url")
-        if exc.status_code == 405:
+        if exc.status_code == 405:   # keeps the Allow header (RFC 9110: a 405 must list the allowed methods)
             return error_response(405, f"Method {request.method} is not allowed on {request.url.path}",
-                                  code="method_not_allowed")
-        return error_response(exc.status_code, str(exc.detail))
+                                  code="method_not_allowed", headers=dict(exc.headers or {}))
+        return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

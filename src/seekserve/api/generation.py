@@ -37,7 +37,8 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> Sampling
             raise APIError(400, "tool calling (tools) is not supported by this server yet", param="tools",
                            code="unsupported_parameter")
         if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
+                           code="invalid_value")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
@@ -51,7 +52,8 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> Sampling
             raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported",
                            param="echo", code="unsupported_parameter")
         if body.logprobs is not None and not 0 <= body.logprobs <= 5:
-            raise APIError(400, f"logprobs must be in [0, 5], got {body.logprobs}", param="logprobs")
+            raise APIError(400, f"logprobs must be in [0, 5], got {body.logprobs}", param="logprobs",
+                           code="invalid_value")
         logprobs, max_tokens = body.logprobs, body.max_tokens
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     kw: dict[str, Any] = dict(

@@ -88,6 +88,15 @@ class LifecycleMiddleware:
             if tracked:
                 self.state.enter()
             try:
+                if declared is None or not declared.isdigit():
+                    # no length announced (chunked): read the body here, up to the limit. Raising from inside
+                    # the app's receive() is not enough: FastAPI turns any error while it reads the body
+                    # into a 400.
+                    body = await self._read_limited(receive)
+                    if body is None:
+                        await self._too_large(send_counted)
+                        return
+                    receive = _replay(body, receive)
                 await self.app(scope, self._limited(receive), send_counted)
             except _BodyTooLarge:
                 await self._too_large(send_counted)
@@ -110,10 +119,38 @@ class LifecycleMiddleware:
             return message
         return wrapped
 
+    async def _read_limited(self, receive: Receive) -> bytes | None:
+        """The whole request body, or None once it grows past the limit (the rest is left unread)."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":     # the client went away: let the app see an empty body
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def _too_large(self, send: Send) -> None:
         for m in _error(413, f"The request body is larger than the limit of {self.max_body_bytes} bytes.",
                         "request_too_large"):
             await send(m)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hand the already-read body to the app once, then pass through (so disconnects are still seen)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
 
 
 def _as_json(scope: Scope) -> Scope:

@@ -75,7 +75,7 @@ class Backend(Protocol):
         """Text of token ids (for `echo` of a token-id prompt)."""
         ...
 
-    def start(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def start(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Validate and admit the request now (raising BackendError if it is refused, so the API can answer
         with the right status before any byte is sent), and return the stream of its chunks."""
         ...

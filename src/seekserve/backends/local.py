@@ -4,6 +4,7 @@ DeepSeek-R1 reasoning split and OpenAI-style logprobs)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,8 +43,9 @@ class LocalBackend:
         """Engine gauges for /metrics."""
         return self.async_engine.stats()
 
-    def start(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        ids, starts_in_reasoning = self._prompt_ids(request)
+    async def start(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        # tokenizing a long prompt takes a while: off the event loop, so other requests (and probes) go on
+        ids, starts_in_reasoning = await asyncio.to_thread(self._prompt_ids, request)
         params = self._fit_to_context(request, len(ids))
         if self.num_queued >= self.max_queued_requests:
             raise BackendError(f"the server is busy: {self.num_queued} requests are already waiting; retry later",
@@ -54,10 +56,8 @@ class LocalBackend:
                                                    request.cache_salt)
             outputs = self.async_engine.stream(prepared)
         except InvalidRequestError as e:
-            raise BackendError(e.message, status=400, param=e.param) from None
+            raise BackendError(e.message, status=400, param=e.param, code="invalid_value") from None
         reasoning = self.reasoning and request.kind == "chat"
-        self.num_queued += 1   # counted now, so a burst of admissions sees itself; the stream releases it
-        self.num_active += 1
         return self._chunks(outputs, params.n, reasoning, starts_in_reasoning)
 
     async def close(self) -> None:
@@ -75,7 +75,7 @@ class LocalBackend:
                 return tok.encode(request.prompt), False
             return list(request.prompt or []), False
         except InvalidRequestError as e:
-            raise BackendError(e.message, status=400, param=e.param) from None
+            raise BackendError(e.message, status=400, param=e.param, code="invalid_value") from None
 
     def _fit_to_context(self, request: GenerationRequest, num_prompt: int):
         """OpenAI semantics: prompt + max_tokens must fit the context (400 stating both numbers);
@@ -101,6 +101,8 @@ class LocalBackend:
                       starts_in_reasoning: bool) -> AsyncIterator[Chunk]:
         splitters = [ReasoningSplitter(starts_in_reasoning) for _ in range(n)] if reasoning else None
         reasoning_tokens = [0] * n
+        self.num_queued += 1       # from submission (the first iteration) to the first output
+        self.num_active += 1
         queued = True
         try:
             async for out in outputs:

@@ -59,18 +59,19 @@ class AsyncEngine:
         return self.stream(req)
 
     def stream(self, req: PreparedRequest) -> AsyncIterator[IncrementalOutput]:
-        """Submit a prepared request now; iterate to receive its outputs."""
+        """The outputs of a prepared request. It is submitted when iteration starts, so a stream that is
+        never iterated costs nothing; leaving the iteration early aborts the request."""
         if self._dead is not None or self._stopped.is_set():
             raise EngineDeadError("the engine loop is not running") from self._dead
+        return self._iterate(req)
+
+    async def _iterate(self, req: PreparedRequest) -> AsyncIterator[IncrementalOutput]:
         stream = _Stream(asyncio.get_running_loop(), req.params.n)
         with self._lock:
             if req.request_id in self._streams:
                 raise InvalidRequestError(f"request id {req.request_id!r} is already in use", param="request_id")
             self._streams[req.request_id] = stream
         self._send("add", req)
-        return self._iterate(req.request_id, stream)
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[IncrementalOutput]:
         finished = False
         try:
             while True:
@@ -85,9 +86,9 @@ class AsyncEngine:
                     return
         finally:
             with self._lock:
-                self._streams.pop(request_id, None)
+                self._streams.pop(req.request_id, None)
             if not finished:
-                self._send("abort", request_id)
+                self._send("abort", req.request_id)
 
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)

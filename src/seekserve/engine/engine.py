@@ -166,6 +166,8 @@ class LLMEngine:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, but this model's context is {max_len} "
                                       "tokens (the prompt must leave room for at least one output token)",
                                       param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise InvalidRequestError(f"logprobs must be at most {self.config.max_logprobs}", param="logprobs")
         salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt

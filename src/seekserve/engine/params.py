@@ -50,8 +50,8 @@ class SamplingParams:
             raise bad("temperature", "must be in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be -1, 0 (disabled) or a positive integer")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
+            raise bad("top_k", "must be -1, 0 (disabled) or a positive integer below 2^31")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -73,8 +73,8 @@ class SamplingParams:
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be at most 16 non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be non-negative integers")
+        if any(not isinstance(t, int) or not 0 <= t < 2**31 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be non-negative integers below 2^31")
 
     @property
     def is_greedy(self) -> bool:

@@ -18,6 +18,8 @@ from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, guard, with_ke
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 
 router = APIRouter(dependencies=[Authenticated])
+# template variables the backend passes itself: a request setting them again would be a TypeError (500)
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 def _logprobs(entries: list[LogprobEntry] | None) -> list[dict[str, Any]] | None:
@@ -33,13 +35,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if any(m.reasoning_content for m in body.messages):
         # DeepSeek's rule: reasoning_content of earlier turns must not be sent back
         raise APIError(400, "reasoning_content must not be included in input messages", param="messages")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs must not set {', '.join(reserved)}: the server sets "
+                       f"{'it' if len(reserved) == 1 else 'them'}", param="chat_template_kwargs",
+                       code="invalid_value")
     params = sampling_params(body)
     rid = request_id("chatcmpl")
     gen = GenerationRequest(request_id=rid, model=info.id, kind="chat", params=params,
                             messages=[{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                                       for m in body.messages],
                             chat_template_kwargs=body.chat_template_kwargs or {})
-    chunks = ctx.backend.start(gen)
+    chunks = await ctx.backend.start(gen)
     ctx_created, timer = int(time.time()), RequestTimer(ctx.metrics, info.id)
     base = {"id": rid, "created": ctx_created, "model": info.id}
     if body.stream:

@@ -26,11 +26,11 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt")
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     if all(isinstance(p, int) for p in prompt):
         return [prompt]  # type: ignore[list-item]
     if len(prompt) > MAX_PROMPTS:
-        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt", code="invalid_value")
     return list(prompt)  # type: ignore[arg-type]
 
 
@@ -51,8 +51,8 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     params = sampling_params(body)
     prompts = _prompts(body.prompt)
     rid = request_id("cmpl")
-    streams = [ctx.backend.start(GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion",
-                                                   params=params, prompt=p)) for i, p in enumerate(prompts)]
+    streams = [await ctx.backend.start(GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion",
+                                                         params=params, prompt=p)) for i, p in enumerate(prompts)]
     echoes = ([p if isinstance(p, str) else ctx.backend.detokenize(p) for p in prompts] if body.echo
               else [""] * len(prompts))
     base = {"id": rid, "created": int(time.time()), "model": info.id}

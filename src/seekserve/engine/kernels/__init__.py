@@ -23,6 +23,7 @@ import torch
 log = logging.getLogger("seekserve.engine")
 _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "elementwise.c")]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_BUILD = "2: -ffast-math at compile time only"   # part of the cache key: change it when the build changes
 
 
 def _cache_dir() -> Path:
@@ -36,7 +37,8 @@ def load_kernels() -> ctypes.CDLL | None:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     source = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(source + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + _BUILD.encode() + platform.machine().encode()
+                         + platform.node().encode()).hexdigest()[:16]
     target = _cache_dir() / f"seekserve-kernels-{key}.so"
     if not target.exists():
         if compiler is None:
@@ -45,11 +47,21 @@ def load_kernels() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            # -march=native: the library is built on (and cached for) the machine that runs it
-            # -ffast-math lets expf vectorize (glibc libmvec); the kernel never relies on inf/NaN semantics
-            cmd = [compiler, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
-                   *map(str, _SOURCES), "-o", str(built), "-lm"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            # -march=native: the library is built on (and cached for) the machine that runs it.
+            # -ffast-math lets expf vectorize (glibc libmvec); the kernels never rely on inf/NaN semantics.
+            # It is given when compiling only: linking with it would add crtfastmath.o, which turns on
+            # flush-to-zero for the whole process when the library loads.
+            objects = []
+            for source in _SOURCES:
+                obj = Path(tmp) / (source.stem + ".o")
+                objects.append(str(obj))
+                result = subprocess.run([compiler, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c",
+                                         str(source), "-o", str(obj)], capture_output=True, text=True)
+                if result.returncode != 0:
+                    break
+            else:
+                result = subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(built), "-lm"],
+                                        capture_output=True, text=True)
             if result.returncode != 0:
                 log.warning("compiling the CPU kernels failed, using PyTorch instead: %s",
                             result.stderr.strip()[-500:])
