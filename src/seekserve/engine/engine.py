@@ -76,6 +76,10 @@ class LLMEngine:
         budget = kv_cache_budget_bytes(config.kv_cache_memory_gb, config.kv_cache_memory_fraction, device)
         num_blocks = budget // per_block
         needed = -(-max_model_len // config.block_size)
+        if config.kv_cache_memory_gb is None:
+            # a derived budget never exceeds what a full batch of full-length sequences can use, twice over
+            # (the rest keeps cached prefixes): a small model must not zero gigabytes at start-up
+            num_blocks = min(num_blocks, 2 * needed * config.max_num_seqs)
         if num_blocks < needed:
             raise InvalidRequestError(
                 f"the KV cache budget ({budget / 2**30:.3f} GiB = {num_blocks} blocks of {config.block_size} "
