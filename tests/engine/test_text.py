@@ -7,7 +7,7 @@ import pytest
 from seekserve.engine import SamplingParams
 from seekserve.engine.output_processor import append_token, make_output
 from seekserve.engine.sequence import Sequence
-from seekserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from seekserve.engine.tokenizer import BYTE_DECODER, IncrementalDetokenizer, Tokenizer
 
 CHINESE = "深度求索是一家人工智能公司。你好，世界！"
 
@@ -19,21 +19,10 @@ def tokenizer(llama_path) -> Tokenizer:
 
 def _byte_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
     """One token per byte (the byte-level alphabet), so every multi-byte character spans tokens."""
-    mapping = {b: ch for b, ch in zip(range(256), _bytes_to_unicode())}
-    ids = [tokenizer._tok.token_to_id(mapping[b]) for b in text.encode()]
+    char_of_byte = {b: ch for ch, b in BYTE_DECODER.items()}
+    ids = [tokenizer._tok.token_to_id(char_of_byte[b]) for b in text.encode()]
     assert None not in ids
     return ids
-
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
 def test_incremental_chinese_never_emits_replacement_char(tokenizer: Tokenizer) -> None:

@@ -10,6 +10,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+from fastapi.responses import StreamingResponse
+
 T = TypeVar("T")
 _DONE = object()
 KEEPALIVE = ": keep-alive\n\n"
@@ -65,3 +67,9 @@ async def guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield frame({"error": {"message": message, "type": "server_error", "param": None,
                                "code": getattr(e, "code", None)}})
         yield DONE_FRAME
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """The HTTP response of a stream: errors after the first byte become a final event (`guard`)."""
+    return StreamingResponse(guard(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

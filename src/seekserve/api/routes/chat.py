@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from seekserve.api.context import Authenticated, Context
 from seekserve.api.errors import APIError
 from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
                                       sampling_params)
 from seekserve.api.schemas import ChatCompletionRequest
-from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, guard, with_keepalive
+from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, sse_response, with_keepalive
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 
 router = APIRouter(dependencies=[Authenticated])
@@ -53,8 +52,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _sse(merge([chunks]), base, info.reasoning, include_usage, ctx.settings.keepalive_interval,
                       body.n, timer, body.logprobs)
-        return StreamingResponse(guard(stream), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(stream)
     items = await collect_or_abort(request, merge([chunks]))
     return _response(items, base, info.reasoning, body.n, timer, body.logprobs)
 

@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from seekserve.api.context import Authenticated, Context
 from seekserve.api.errors import APIError
 from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
                                       sampling_params)
 from seekserve.api.schemas import CompletionRequest
-from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, guard, with_keepalive
+from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, sse_response, with_keepalive
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 
 router = APIRouter(dependencies=[Authenticated])
@@ -61,8 +60,7 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _sse(merge(streams), base, body.n, echoes, include_usage, ctx.settings.keepalive_interval, timer,
                       body.logprobs is not None)
-        return StreamingResponse(guard(events), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(events)
     items = await collect_or_abort(request, merge(streams))
     usage = UsageTracker()
     choices = [{"text": echoes[i // body.n], "logprobs": [], "finish": None} for i in range(len(prompts) * body.n)]
