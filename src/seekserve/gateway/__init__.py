@@ -1,0 +1,2 @@
+"""The policy pipeline every request walks through: authenticate → authorize (RBAC) → rate-limit →
+classify sensitivity → cache → route → meter/audit."""

@@ -1,0 +1,255 @@
+"""Tamper-evident audit log: each site's records form a SHA-256 hash chain (hash = sha256(prev_hash +
+canonical JSON of the record)). Invariant: appends to one site's chain are serialized across threads and
+replicas, so the chain never forks; changing, removing or reordering a stored record breaks `verify`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, String, select, type_coerce
+from sqlalchemy.orm import Session
+
+from seekserve.store.db import Database
+from seekserve.store.models import AuditRow, check_text, require_aware, utcnow
+
+GENESIS_HASH = "0" * 64
+_TEXT_LIMITS = {"event_id": 64, "site": 64, "actor": 255, "tenant": 128, "action": 64, "target": 512,
+                "status": 32}
+# verify reads ts and detail undecoded, so a row tampered into garbage is reported rather than crashing it
+_RAW_COLUMNS = (AuditRow.seq, AuditRow.event_id, AuditRow.site, type_coerce(AuditRow.ts, String).label("ts"),
+                AuditRow.actor, AuditRow.tenant, AuditRow.action, AuditRow.target, AuditRow.status,
+                type_coerce(AuditRow.detail, String).label("detail"), AuditRow.prev_hash, AuditRow.hash)
+_EVENT_KEYS = frozenset({"actor", "tenant", "action", "target", "status", "detail", "event_id", "ts"})
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON spelling hashed: sorted keys, no spaces, UTF-8 kept, NaN/Infinity refused."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def chain_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
+    """sha256 hex of prev_hash + canonical JSON of the record's fields (everything but seq and hash)."""
+    return hashlib.sha256((prev_hash + canonical_json(fields)).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit event as chained. `seq` is this database's row number (None before it is stored)."""
+
+    event_id: str
+    site: str
+    ts: datetime
+    actor: str
+    tenant: str
+    action: str
+    target: str
+    status: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+    seq: int | None = None
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """The fields the hash covers; ts in a fixed ISO form (microseconds, +00:00) so it round-trips."""
+        return {"event_id": self.event_id, "site": self.site, "ts": _ts_text(self.ts), "actor": self.actor,
+                "tenant": self.tenant, "action": self.action, "target": self.target, "status": self.status,
+                "detail": self.detail, "prev_hash": self.prev_hash}
+
+    def expected_hash(self) -> str:
+        return chain_hash(self.prev_hash, self.hashed_fields())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form, the wire format of the audit topic."""
+        return {**self.hashed_fields(), "hash": self.hash, "seq": self.seq}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
+        ts = data["ts"]
+        return cls(event_id=data["event_id"], site=data["site"],
+                   ts=datetime.fromisoformat(ts) if isinstance(ts, str) else ts, actor=data["actor"],
+                   tenant=data["tenant"], action=data["action"], target=data.get("target", ""),
+                   status=data.get("status", "ok"), detail=dict(data.get("detail") or {}),
+                   prev_hash=data["prev_hash"], hash=data["hash"], seq=data.get("seq"))
+
+
+def _ts_text(ts: datetime) -> str:
+    return require_aware(ts, "ts").isoformat(timespec="microseconds")
+
+
+def _record(row: AuditRow) -> AuditRecord:
+    return AuditRecord(event_id=row.event_id, site=row.site, ts=row.ts, actor=row.actor, tenant=row.tenant,
+                       action=row.action, target=row.target, status=row.status, detail=row.detail,
+                       prev_hash=row.prev_hash, hash=row.hash, seq=row.seq)
+
+
+@dataclass(frozen=True)
+class _Event:
+    """A validated event waiting for its place in the chain."""
+    actor: str
+    tenant: str
+    action: str
+    target: str = ""
+    status: str = "ok"
+    detail: dict[str, Any] = field(default_factory=dict)
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ts: datetime = field(default_factory=utcnow)
+
+
+def _event(values: Mapping[str, Any]) -> _Event:
+    unknown = set(values) - _EVENT_KEYS
+    if unknown:
+        raise ValueError(f"unknown audit event fields: {sorted(unknown)}")
+    missing = {"actor", "tenant", "action"} - {k for k, v in values.items() if v is not None}
+    if missing:
+        raise ValueError(f"audit event lacks {sorted(missing)}")
+    event = _Event(**{k: v for k, v in values.items() if v is not None})
+    for name, limit in _TEXT_LIMITS.items():
+        if name != "site":
+            check_text(getattr(event, name), name, limit, empty=name == "target")
+    if not isinstance(event.detail, dict):
+        raise TypeError("detail must be a dict")
+    try:
+        # normalise through JSON now: the hash must cover exactly what the database will hand back
+        detail = json.loads(canonical_json(event.detail))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"detail must be JSON-serializable without NaN: {err}") from None
+    return replace(event, detail=detail, ts=require_aware(event.ts, "ts"))
+
+
+class AuditLog:
+    """The audit chain of `site` in `db`, plus read access to every site's records stored there."""
+
+    def __init__(self, db: Database, site: str) -> None:
+        self._db, self.site = db, check_text(site, "site", _TEXT_LIMITS["site"])
+
+    def append(self, actor: str, tenant: str, action: str, target: str = "", status: str = "ok",
+               detail: dict[str, Any] | None = None, *, event_id: str | None = None,
+               ts: datetime | None = None) -> AuditRecord:
+        """Chain one event. With an `event_id` already stored, returns the stored record (a safe retry)."""
+        return self.append_many([{"actor": actor, "tenant": tenant, "action": action, "target": target,
+                                  "status": status, "detail": detail, "event_id": event_id, "ts": ts}])[0]
+
+    def append_many(self, events: Sequence[Mapping[str, Any]]) -> list[AuditRecord]:
+        """Chain several events in one transaction, in list order. Each event is a mapping with actor,
+        tenant, action and optionally target, status, detail, event_id, ts."""
+        pending = [_event(values) for values in events]
+        if not pending:
+            return []
+        with self._db.write_session(f"seekserve:audit:{self.site}") as session:
+            prev_hash = self._last_hash(session, self.site)
+            ids = [event.event_id for event in pending]
+            done = {row.event_id: _record(row)
+                    for row in session.scalars(select(AuditRow).where(AuditRow.event_id.in_(ids)))}
+            chained = []
+            for event in pending:
+                if event.event_id not in done:  # a stored event_id is a retry: answer with what is stored
+                    done[event.event_id] = self._chain_one(session, event, prev_hash)
+                    prev_hash = done[event.event_id].hash
+                chained.append(done[event.event_id])
+            return chained
+
+    def _chain_one(self, session: Session, event: _Event, prev_hash: str) -> AuditRecord:
+        record = AuditRecord(event_id=event.event_id, site=self.site, ts=event.ts, actor=event.actor,
+                             tenant=event.tenant, action=event.action, target=event.target,
+                             status=event.status, detail=event.detail, prev_hash=prev_hash, hash="")
+        record = replace(record, hash=record.expected_hash())
+        # one INSERT per record (not a multi-row INSERT) so seq order is guaranteed to be chain order
+        row = AuditRow(**{k: v for k, v in asdict(record).items() if k != "seq"})
+        session.add(row)
+        session.flush()
+        return replace(record, seq=row.seq)
+
+    @staticmethod
+    def _last_hash(session: Session, site: str) -> str:
+        last = session.scalars(select(AuditRow.hash).where(AuditRow.site == site)
+                               .order_by(AuditRow.seq.desc()).limit(1)).first()
+        return GENESIS_HASH if last is None else last
+
+    def verify(self, site: str | None = None) -> tuple[bool, int | None]:
+        """Recompute every chain (or one site's). (True, None) when intact, else (False, seq of the first
+        record whose content or link to its predecessor does not match)."""
+        # streamed in batches: memory stays flat however long the chain
+        query = select(*_RAW_COLUMNS).order_by(AuditRow.seq).execution_options(yield_per=1000)
+        if site is not None:
+            query = query.where(AuditRow.site == site)
+        with self._db.session() as session:
+            rows = session.execute(query)
+            try:
+                return _first_bad(rows)
+            finally:
+                rows.close()  # returning early must still release PostgreSQL's server-side cursor
+
+    def query(self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None,
+              action: str | None = None, limit: int = 1000, site: str | None = None) -> list[AuditRecord]:
+        """Records newest first; `since` inclusive, `until` exclusive."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        query = select(AuditRow)
+        for column, value in ((AuditRow.tenant, tenant), (AuditRow.action, action), (AuditRow.site, site)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(AuditRow.ts >= require_aware(since, "since"))
+        if until is not None:
+            query = query.where(AuditRow.ts < require_aware(until, "until"))
+        query = query.order_by(AuditRow.ts.desc(), AuditRow.seq.desc()).limit(limit)
+        with self._db.session() as session:
+            return [_record(row) for row in session.scalars(query)]
+
+    def ingest(self, records: Iterable[AuditRecord]) -> int:
+        """Store other sites' records verbatim (their hashes untouched), skipping event_ids already stored;
+        returns how many were new. Each site's records must come in chain order; records carrying their
+        origin seq are sorted by it (a stable sort, so records without one keep their order)."""
+        batch = sorted(records, key=lambda r: (r.site, r.seq if r.seq is not None else 0))
+        if not batch:
+            return 0
+        rows = [_verbatim_row(record) for record in batch]
+        statement = self._db.insert_ignoring_duplicates(AuditRow).returning(AuditRow.seq)
+        # hold the append lock of every site touched, in a fixed order, so no local append interleaves
+        sites = sorted({record.site for record in batch})
+        with self._db.write_session(f"seekserve:audit:{sites[0]}") as session:
+            for site in sites[1:]:
+                self._db.lock(session, f"seekserve:audit:{site}")
+            # row by row, as in append: local seq order must follow chain order
+            return sum(len(session.execute(statement, [row]).all()) for row in rows)
+
+
+def _verbatim_row(record: AuditRecord) -> dict[str, Any]:
+    if not isinstance(record, AuditRecord):
+        raise TypeError(f"expected AuditRecord, got {type(record).__name__}")
+    for name, limit in _TEXT_LIMITS.items():
+        check_text(getattr(record, name), name, limit, empty=name == "target")
+    for name in ("prev_hash", "hash"):
+        check_text(getattr(record, name), name, 64)
+    if not isinstance(record.detail, dict):
+        raise TypeError("detail must be a dict")
+    row = {k: v for k, v in asdict(record).items() if k != "seq"}
+    row["ts"] = require_aware(record.ts, "ts")
+    return row
+
+
+def _first_bad(rows: Iterable[Row[Any]]) -> tuple[bool, int | None]:
+    expected: dict[str, str] = {}  # site → hash the site's next record must link to
+    for row in rows:
+        if row.prev_hash != expected.get(row.site, GENESIS_HASH) or row.hash != _raw_hash(row):
+            return False, row.seq
+        expected[row.site] = row.hash
+    return True, None
+
+
+def _raw_hash(row: Row[Any]) -> str | None:
+    """The hash a raw row should have; None when a column was altered into something undecodable."""
+    try:
+        ts = datetime.fromisoformat(row.ts) if isinstance(row.ts, str) else row.ts
+        detail = json.loads(row.detail) if isinstance(row.detail, str) else row.detail
+        ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts  # SQLite keeps UTC without an offset
+        record = AuditRecord(**{**row._asdict(), "ts": ts, "detail": detail})
+        return record.expected_hash()
+    except (TypeError, ValueError, AttributeError):
+        return None
