@@ -1,0 +1,317 @@
+"""Rate limits per API key and per tenant (rps, rpm, tpm, concurrency): shared types, GCRA maths, headers and
+the in-process limiter. Invariant: `acquire` checks every scope and commits all of them or none, and a lease is
+reconciled and released at most once.
+
+Algorithm: GCRA per (scope, kind), emission interval T = period / limit, burst tolerance = one whole period
+(at least T). A fresh rpm=600 bucket admits 600 requests at once, then one every 100 ms; in any window of W
+seconds it admits at most limit + limit * W / period. We allow a full period of burst so that `remaining` reads
+as the configured limit at rest and a client that spends its minute at once is not punished; the price is that
+a bursty client can get up to twice the limit inside one sliding minute. For tpm the cost is the request's
+tokens (prompt + max_tokens reserved on admission; `finish` refunds or charges the difference)."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry, Counter
+
+from seekserve.gateway.errors import GatewayError
+from seekserve.gateway.principal import Limits, Principal
+
+RATE_KINDS: tuple[str, ...] = ("rps", "rpm", "tpm")
+PERIOD_S: dict[str, float] = {"rps": 1.0, "rpm": 60.0, "tpm": 60.0}
+# a conforming request may land this far past its slot through float rounding: 3 × (1/3 s) can exceed 1 s
+SLACK_S = 1e-6
+# nothing says when a concurrency slot frees, so a refused client is told to try again soon
+CONCURRENCY_RETRY_S = 1.0
+REASON_TOO_LARGE = "tpm_exceeds_limit"      # one request wants more tokens than a whole minute allows
+REASON_UNAVAILABLE = "limiter_unavailable"  # the shared backend is down and failure_mode is "closed"
+
+
+@dataclass(frozen=True)
+class Scope:
+    key: str        # "key:key_ab12" or "tenant:acme": names the shared state, so it must be stable
+    limits: Limits
+
+    def __post_init__(self) -> None:
+        for name in (*RATE_KINDS, "max_concurrency"):
+            value = getattr(self.limits, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"scope {self.key}: {name} must be positive or None, not {value}")
+
+    def rate_limits(self) -> list[tuple[str, float]]:
+        """(kind, limit) of each rate this scope limits, in RATE_KINDS order."""
+        return [(kind, limit) for kind in RATE_KINDS if (limit := getattr(self.limits, kind)) is not None]
+
+    @property
+    def is_limited(self) -> bool:
+        return not self.limits.is_unlimited()
+
+
+@dataclass
+class Lease:
+    """What `finish` needs: which scopes to reconcile and release, and how many tokens were reserved."""
+    lease_id: str
+    scopes: tuple[Scope, ...]
+    tokens: int                  # reserved on admission
+    acquired_at: float           # wall clock (time.time()), for logs and audit
+    counted: bool = True         # False: the limiter holds nothing for it (fail-open, no tpm/concurrency)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after: float           # seconds; 0 when allowed or when retrying cannot help
+    headers: dict[str, str]      # x-ratelimit-* (and retry-after, retry-after-ms on refusal)
+    reason: str | None           # rps | rpm | tpm | concurrency | tpm_exceeds_limit | limiter_unavailable
+    lease: Lease | None          # set exactly when allowed; hand it to finish()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One bucket's verdict: wait > SLACK_S means it refused; remaining/reset as they stand afterwards."""
+    kind: str                    # rps | rpm | tpm | concurrency
+    limit: float
+    wait: float                  # seconds until this request would conform
+    remaining: int               # requests (or tokens) that could pass right now
+    reset: float                 # seconds until the bucket is back to full
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    async def acquire(self, scopes: list[Scope], tokens: int) -> Decision: ...
+
+    async def finish(self, lease: Lease, actual_tokens: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+def scopes_for(principal: Principal, tenant_limits: Limits | None = None) -> list[Scope]:
+    """The scopes a request is charged to: its key and, when the tenant has limits, its tenant."""
+    scopes = [Scope(f"key:{principal.subject}", principal.limits)]
+    if tenant_limits is not None:
+        scopes.append(Scope(f"tenant:{principal.tenant}", tenant_limits))
+    return [s for s in scopes if s.is_limited]
+
+
+def check_request(scopes: list[Scope], tokens: int) -> None:
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, not {tokens}")
+    keys = [s.key for s in scopes]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a scope appears twice in {keys}: it would be charged twice")
+
+
+def too_large(scopes: list[Scope] | tuple[Scope, ...], tokens: int) -> bool:
+    return any(s.limits.tpm is not None and tokens > s.limits.tpm for s in scopes)
+
+
+def new_lease(scopes: list[Scope], tokens: int, counted: bool | None = None) -> Lease:
+    """A fresh lease; counted unless nothing in it needs finishing (no tpm, no concurrency limit)."""
+    if counted is None:
+        counted = any(s.limits.tpm is not None or s.limits.max_concurrency is not None for s in scopes)
+    return Lease(secrets.token_hex(8), tuple(scopes), tokens, time.time(), counted)
+
+
+def gcra(stored: float | None, now: float, kind: str, limit: float, cost: int) -> tuple[float, float, float]:
+    """(tat, new_tat, wait): the effective theoretical arrival time, the one after admitting `cost`, and how
+    long this request must wait to conform (≤ SLACK_S: conforms). Mirrored in Lua in ratelimit_redis.py."""
+    interval = PERIOD_S[kind] / limit
+    tolerance = max(PERIOD_S[kind], interval)
+    tat = now if stored is None else max(stored, now)
+    new_tat = tat + cost * interval
+    return tat, new_tat, new_tat - tolerance - now
+
+
+def bucket_state(kind: str, limit: float, tat: float, now: float) -> tuple[int, float]:
+    """(remaining, reset) of a bucket whose theoretical arrival time is `tat`."""
+    interval = PERIOD_S[kind] / limit
+    tolerance = max(PERIOD_S[kind], interval)
+    remaining = max(0, math.floor((now + tolerance - tat + SLACK_S) / interval))
+    return remaining, max(0.0, tat - now)
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format (Go durations, ms resolution): "120ms", "1s", "1.5s", "6m0s", "1h0m0s".
+    Rounded up, so a client that waits this long finds the bucket reset."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest // 1000}" + (f".{rest % 1000:03d}".rstrip("0") if rest % 1000 else "") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs
+
+
+def _format_limit(limit: float) -> str:
+    return str(int(limit)) if float(limit).is_integer() else f"{limit:.6g}"
+
+
+def _trio(what: str, check: Check) -> dict[str, str]:
+    return {f"x-ratelimit-limit-{what}": _format_limit(check.limit),
+            f"x-ratelimit-remaining-{what}": str(check.remaining),
+            f"x-ratelimit-reset-{what}": format_duration(check.reset)}
+
+
+def rate_headers(checks: list[Check]) -> dict[str, str]:
+    """x-ratelimit-* from the tightest request bucket (fewest remaining; rpm wins a tie) and the tightest tpm
+    bucket; a trio is left out when nothing limits it."""
+    headers: dict[str, str] = {}
+    requests = [c for c in checks if c.kind in ("rps", "rpm")]
+    if requests:
+        headers |= _trio("requests", min(requests, key=lambda c: (c.remaining, c.kind != "rpm", -c.reset)))
+    tokens = [c for c in checks if c.kind == "tpm"]
+    if tokens:
+        headers |= _trio("tokens", min(tokens, key=lambda c: (c.remaining, -c.reset)))
+    return headers
+
+
+def retry_headers(retry_after: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(retry_after - 1e-9))),
+            "retry-after-ms": str(max(1, math.ceil(retry_after * 1000 - 1e-6)))}
+
+
+def decide(allowed: bool, checks: list[Check], scopes: list[Scope], tokens: int,
+           lease: Lease | None) -> Decision:
+    """The Decision for a verdict the backend has already committed (or not)."""
+    headers = rate_headers(checks)
+    if allowed:
+        return Decision(True, 0.0, headers, None, lease)
+    if too_large(scopes, tokens):
+        # waiting never helps, so no retry-after: the client must ask for fewer tokens
+        return Decision(False, 0.0, headers, REASON_TOO_LARGE, None)
+    worst = max(checks, key=lambda c: c.wait)
+    return Decision(False, worst.wait, headers | retry_headers(worst.wait), worst.kind, None)
+
+
+def refusal_error(decision: Decision) -> GatewayError:
+    """The HTTP answer to a refusal: 503 when the limiter is down (fail-closed), 429 otherwise."""
+    if decision.reason == REASON_UNAVAILABLE:
+        return GatewayError(503, "Rate limiter unavailable; retry shortly.", code=REASON_UNAVAILABLE,
+                            error_type="service_unavailable", headers=decision.headers)
+    if decision.reason == REASON_TOO_LARGE:
+        message = "This request's tokens (prompt + max_tokens) exceed your tokens-per-minute limit."
+    else:
+        message = f"Rate limit reached ({decision.reason}). Retry after {decision.retry_after:.2f}s."
+    return GatewayError(429, message, code="rate_limit_exceeded", error_type="rate_limit_error",
+                        headers=decision.headers)
+
+
+def rejections_counter(registry: CollectorRegistry | None) -> Counter:
+    # a private registry when none is given: no metric is registered globally at import or construction
+    return Counter("seekserve:ratelimit_rejections", "Requests refused by the rate limiter", ["reason"],
+                   registry=registry if registry is not None else CollectorRegistry())
+
+
+class _Step(NamedTuple):
+    """One bucket's planned move in an in-process acquire."""
+    scope: str
+    kind: str
+    limit: float
+    tat: float        # theoretical arrival time as it stands
+    new_tat: float    # ... if this request is admitted
+    wait: float       # seconds until this request conforms
+
+
+class InProcessRateLimiter:
+    """The embedded-mode limiter: the same semantics as RedisRateLimiter for one process, under a lock."""
+
+    SWEEP_EVERY = 1024  # acquires between sweeps of idle buckets and expired leases
+
+    def __init__(self, *, lease_ttl: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 registry: CollectorRegistry | None = None) -> None:
+        self._lease_ttl, self._clock = lease_ttl, clock
+        self._lock = threading.Lock()                    # acquire may be called from several threads
+        self._tats: dict[str, dict[str, float]] = {}     # scope key → kind → theoretical arrival time
+        self._slots: dict[str, dict[str, float]] = {}    # scope key → lease id → expiry
+        self._leases: dict[str, float] = {}              # unfinished counted lease id → expiry
+        self._num_acquires = 0
+        self._rejections = rejections_counter(registry)
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    async def acquire(self, scopes: list[Scope], tokens: int) -> Decision:
+        check_request(scopes, tokens)
+        with self._lock:
+            decision = self._acquire_locked(scopes, tokens, self._clock())
+        if not decision.allowed:
+            self._rejections.labels(decision.reason).inc()
+        return decision
+
+    def _acquire_locked(self, scopes: list[Scope], tokens: int, now: float) -> Decision:
+        self._num_acquires += 1
+        if self._num_acquires % self.SWEEP_EVERY == 0:
+            self._sweep(now)
+        steps = [_Step(scope.key, kind, limit, *gcra(self._tats.get(scope.key, {}).get(kind), now, kind, limit,
+                                                      tokens if kind == "tpm" else 1))
+                 for scope in scopes for kind, limit in scope.rate_limits()]
+        # scope key → (max concurrency, slots in use)
+        slots = {s.key: (s.limits.max_concurrency, self._live_slots(s.key, now))
+                 for s in scopes if s.limits.max_concurrency is not None}
+        allowed = (all(step.wait <= SLACK_S for step in steps) and all(n < m for m, n in slots.values())
+                   and not too_large(scopes, tokens))
+        lease = self._commit(scopes, steps, tokens, now) if allowed else None
+        checks = [Check(st.kind, st.limit, st.wait,
+                        *bucket_state(st.kind, st.limit, st.new_tat if allowed else st.tat, now)) for st in steps]
+        checks += [Check("concurrency", m, 0.0 if n < m else CONCURRENCY_RETRY_S, m - n - int(allowed), 0.0)
+                   for m, n in slots.values()]
+        return decide(allowed, checks, scopes, tokens, lease)
+
+    def _live_slots(self, key: str, now: float) -> int:
+        slots = self._slots.get(key, {})
+        for lease_id in [i for i, expiry in slots.items() if expiry <= now]:
+            del slots[lease_id]  # a lease never finished (its holder died) frees its slot at expiry
+        return len(slots)
+
+    def _commit(self, scopes: list[Scope], steps: list[_Step], tokens: int, now: float) -> Lease:
+        for step in steps:
+            self._tats.setdefault(step.scope, {})[step.kind] = step.new_tat
+        lease = new_lease(scopes, tokens)
+        if lease.counted:
+            expiry = now + self._lease_ttl
+            self._leases[lease.lease_id] = expiry
+            for scope in scopes:
+                if scope.limits.max_concurrency is not None:
+                    self._slots.setdefault(scope.key, {})[lease.lease_id] = expiry
+        return lease
+
+    async def finish(self, lease: Lease, actual_tokens: int) -> None:
+        if actual_tokens < 0:
+            raise ValueError(f"actual_tokens must be >= 0, not {actual_tokens}")
+        if not lease.counted:
+            return
+        with self._lock:
+            now = self._clock()
+            expiry = self._leases.pop(lease.lease_id, None)
+            if expiry is None or expiry <= now:
+                return  # finished already, or expired: its slot was reclaimed and its reservation stands
+            delta = actual_tokens - lease.tokens
+            for scope in lease.scopes:
+                self._slots.get(scope.key, {}).pop(lease.lease_id, None)
+                if scope.limits.tpm is not None and delta:
+                    tats = self._tats.setdefault(scope.key, {})
+                    # refund (delta < 0) or charge: never below now, a full bucket holds no extra credit
+                    tat = max(tats.get("tpm", now), now) + delta * PERIOD_S["tpm"] / scope.limits.tpm
+                    tats["tpm"] = max(tat, now)
+
+    def _sweep(self, now: float) -> None:
+        """Forget buckets back at full (a missing bucket reads the same) and expired leases."""
+        self._tats = {k: tats for k, tats in self._tats.items() if max(tats.values(), default=now) > now}
+        self._slots = {k: slots for k, slots in self._slots.items() if self._live_slots(k, now)}
+        self._leases = {i: expiry for i, expiry in self._leases.items() if expiry > now}
