@@ -1,0 +1,231 @@
+"""Reading an OpenAI-compatible event stream: bytes -> SSE events (`SSEParser`, any split of the input
+gives the same events) -> `Chunk`s (`ChunkTranslator`, which holds each choice's finishing chunk back
+until the usage numbers arrive, so the last chunk of every choice carries them)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from seekserve.backends.base import BackendError, Chunk, LogprobEntry
+
+MAX_LINE_BYTES = 16 << 20     # a line this long without an end is a broken upstream, not a big answer
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    data: str
+    event: str = "message"
+
+
+class SSEParser:
+    """Incremental parser per the WHATWG SSE rules: lines end with CRLF, LF or CR; `:` lines are comments
+    (DeepSeek's `: keep-alive`); `data` lines join with newlines; a blank line dispatches the event."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, raw: bytes) -> list[SSEEvent]:
+        self._buf += raw
+        events: list[SSEEvent] = []
+        start = 0
+        while True:
+            end = _line_end(self._buf, start)
+            if end is None:
+                break
+            line_end, next_start = end
+            self._line(bytes(self._buf[start:line_end]).decode("utf-8", errors="replace"), events)
+            start = next_start
+        del self._buf[:start]   # lines are decoded whole, so a multi-byte character may span reads
+        return events
+
+    @property
+    def num_pending_bytes(self) -> int:
+        return len(self._buf)
+
+    def close(self) -> list[SSEEvent]:
+        """End of input: be lenient with a last event that lacks its blank line (some servers end so)."""
+        events: list[SSEEvent] = []
+        if self._buf:
+            self._line(bytes(self._buf).rstrip(b"\r").decode("utf-8", errors="replace"), events)
+            self._buf.clear()
+        self._line("", events)
+        return events
+
+    def _line(self, line: str, events: list[SSEEvent]) -> None:
+        if not line:
+            if self._data:
+                events.append(SSEEvent("\n".join(self._data), self._event or "message"))
+            self._data, self._event = [], ""
+            return
+        if line.startswith(":"):
+            return
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")   # one space after the colon is not part of the value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        # `id` and `retry` only matter to a reconnecting browser; a completion stream cannot be resumed
+
+
+def _line_end(buf: bytearray, start: int) -> tuple[int, int] | None:
+    """(end of the line, start of the next) for the first full line from `start`, or None."""
+    lf, cr = buf.find(b"\n", start), buf.find(b"\r", start)
+    if cr == -1 or (lf != -1 and lf < cr):
+        return None if lf == -1 else (lf, lf + 1)
+    if cr + 1 == len(buf):
+        return None        # a CR at the end may be the first half of a CRLF split across reads
+    return (cr, cr + 2) if buf[cr + 1] == ord("\n") else (cr, cr + 1)
+
+
+class EventStreamDecoder:
+    """One upstream response's bytes -> Chunks; `done` once `data: [DONE]` was read."""
+
+    def __init__(self, upstream: str, n: int) -> None:
+        self.upstream = upstream
+        self.parser, self.translator = SSEParser(), ChunkTranslator(upstream, n)
+        self.done = False
+
+    def feed(self, raw: bytes) -> list[Chunk]:
+        chunks = self._events(self.parser.feed(raw))
+        if self.parser.num_pending_bytes > MAX_LINE_BYTES:
+            raise BackendError(f"the upstream {self.upstream} sent a line of over {MAX_LINE_BYTES} bytes",
+                               status=502, code="upstream_error", error_type="server_error")
+        return chunks
+
+    def end(self) -> list[Chunk]:
+        """The input ended: a stream without [DONE] is fine (some servers omit it) if every choice ended."""
+        chunks = self._events(self.parser.close())
+        if self.done:
+            return chunks
+        if not self.translator.all_finished:
+            raise BackendError(f"the upstream {self.upstream} ended the stream before the completion finished",
+                               status=502, code="upstream_error", error_type="server_error")
+        return chunks + self.translator.flush()
+
+    def _events(self, events: list[SSEEvent]) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        for event in events:
+            if self.done:
+                break
+            if event.data.strip() == "[DONE]":
+                self.done = True
+                chunks += self.translator.flush()
+                break
+            try:
+                obj = json.loads(event.data)
+            except ValueError:
+                raise BackendError(f"the upstream {self.upstream} sent an event that is not JSON", status=502,
+                                   code="upstream_error", error_type="server_error") from None
+            if event.event == "error" and isinstance(obj, dict) and "error" not in obj:
+                obj = {"error": obj}
+            chunks += self.translator.feed(obj)
+        return chunks
+
+
+class ChunkTranslator:
+    """Upstream stream objects (already JSON-decoded) -> Chunks. Non-finishing chunks pass through at
+    once; each finishing chunk waits for the usage object (a last chunk with empty `choices`, or usage on
+    the finishing chunk itself) and then carries the counts the API's UsageTracker reads."""
+
+    def __init__(self, upstream: str, n: int) -> None:
+        self.upstream, self.n = upstream, n
+        self.held: dict[int, Chunk] = {}         # choice index -> its finishing chunk, until usage comes
+        self.finished: set[int] = set()
+        self.usage: dict[str, Any] | None = None
+
+    @property
+    def all_finished(self) -> bool:
+        return len(self.finished) >= self.n
+
+    def feed(self, obj: Any) -> list[Chunk]:
+        if not isinstance(obj, dict):
+            raise BackendError(f"the upstream {self.upstream} sent a malformed stream event", status=502,
+                               code="upstream_error", error_type="server_error")
+        if obj.get("error") and not obj.get("choices"):
+            raise BackendError(f"the upstream {self.upstream} failed mid-stream: {_error_message(obj)}",
+                               status=502, code="upstream_error", error_type="server_error")
+        ready: list[Chunk] = []
+        for choice in obj.get("choices") or []:
+            try:
+                chunk = _chunk(choice)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise BackendError(f"the upstream {self.upstream} sent a malformed choice ({e!r})", status=502,
+                                   code="upstream_error", error_type="server_error") from e
+            if chunk.finish_reason:
+                self.held[chunk.index] = chunk
+                self.finished.add(chunk.index)
+            elif chunk.text or chunk.reasoning_text or chunk.logprobs:
+                ready.append(chunk)
+        if obj.get("usage"):
+            self.usage = obj["usage"]
+            # the usage-only chunk is the last one; usage on a chunk is final once every choice is done
+            if not obj.get("choices") or self.all_finished:
+                ready += self.flush()
+        return ready
+
+    def flush(self) -> list[Chunk]:
+        """The held finishing chunks, with whatever usage is known (none if the upstream never sends it)."""
+        prompt, cached, completion, reasoning = usage_numbers(self.usage or {})
+        chunks = [self.held[i] for i in sorted(self.held)]
+        for chunk in chunks:
+            chunk.num_prompt_tokens, chunk.num_cached_tokens = prompt, cached
+            # the API sums completion tokens over choices: the total goes on index 0 (or the first held)
+            first = chunk is chunks[0]
+            chunk.num_output_tokens = completion if first else 0
+            chunk.num_reasoning_tokens = reasoning if first else 0
+        self.held.clear()
+        return chunks
+
+
+def usage_numbers(usage: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(prompt, cached prompt, completion, reasoning) tokens: DeepSeek's prompt_cache_hit_tokens, or
+    OpenAI/vLLM's prompt_tokens_details.cached_tokens."""
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    cached = usage.get("prompt_cache_hit_tokens")
+    if cached is None:
+        cached = prompt_details.get("cached_tokens") or 0
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return int(usage.get("prompt_tokens") or 0), int(cached), int(usage.get("completion_tokens") or 0), \
+        int(reasoning)
+
+
+def _chunk(choice: dict[str, Any]) -> Chunk:
+    delta = choice.get("delta") or {}
+    # chat: delta.content; completions: text. Reasoning: DeepSeek's reasoning_content, newer vLLM's reasoning
+    text = delta.get("content") or choice.get("text") or ""
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    return Chunk(index=int(choice.get("index") or 0), text=text, reasoning_text=reasoning,
+                 finish_reason=choice.get("finish_reason") or None, logprobs=_logprobs(choice.get("logprobs")))
+
+
+def _logprobs(lp: Any) -> list[LogprobEntry] | None:
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("content"), list):    # chat format
+        return [LogprobEntry(token=e["token"], logprob=float(e["logprob"]), bytes=_bytes(e),
+                             top=[(t["token"], float(t["logprob"]), _bytes(t)) for t in e.get("top_logprobs") or []])
+                for e in lp["content"]]
+    if isinstance(lp.get("tokens"), list):     # legacy completions format: parallel lists
+        tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+        return [LogprobEntry(token=tok, logprob=float(value), bytes=list(tok.encode("utf-8")),
+                             top=[(t, float(v), list(t.encode("utf-8")))
+                                  for t, v in sorted((top or {}).items(), key=lambda kv: -kv[1])])
+                for tok, value, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops)]
+    return None
+
+
+def _bytes(entry: dict[str, Any]) -> list[int]:
+    raw = entry.get("bytes")
+    return list(raw) if isinstance(raw, list) else list(str(entry["token"]).encode("utf-8"))
+
+
+def _error_message(obj: dict[str, Any]) -> str:
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    return str(err)
