@@ -1,4 +1,5 @@
-"""`seekserve` command line. Subcommands: serve (the HTTP server), generate (offline, native engine)."""
+"""`seekserve` command line. Subcommands: serve (the HTTP server), generate (offline, native engine),
+keys (API keys), db (migrations)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def describe_validation_error(e) -> str:
+    """pydantic's message without the rejected values: a mistyped setting may be a secret."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                     for err in e.errors(include_url=False, include_input=False))
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     """Every flag maps to a Settings field; unset flags fall through to SEEKSERVE_* env, then the file."""
     from pydantic_core import PydanticUndefined
@@ -74,6 +81,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--drain-timeout", "drain_timeout", type=float)
     add("--keepalive-interval", "keepalive_interval", type=float)
     add("--log-level", "log_level", choices=["debug", "info", "warning", "error"])
+    add("--data-dir", "data_dir")
+    add("--database-url", "database_url")
+    add("--allow-unauthenticated", "allow_unauthenticated", action=argparse.BooleanOptionalAction)
+    add("--redis-url", "redis_url")
+    add("--rate-limit-failure-mode", "rate_limit_failure_mode", choices=["open", "closed"])
+    add("--vip-reserved-share", "vip_reserved_share", type=float)
+    add("--site", "site")
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -85,7 +99,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(a).items() if k not in ("command", "func", "config_file")}
     try:
         settings = load_settings(flags, a.config_file)
-    except (ValidationError, ConfigFileError) as e:
+    except ValidationError as e:
+        print(f"seekserve: invalid settings: {describe_validation_error(e)}", file=sys.stderr)
+        return 2
+    except ConfigFileError as e:
         print(f"seekserve: invalid settings: {e}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
@@ -111,15 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=_cmd_generate)
+    from seekserve.cli_admin import add_commands
+
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)   # one line per plugin at start-up
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from seekserve.config import ConfigFileError
+    from seekserve.gateway.setup import SetupError
+    from seekserve.store.db import StoreError
+    from seekserve.store.keys import KeyStoreError
+
     try:
         return args.func(args)
-    except EngineError as e:
+    except ValidationError as e:
+        print(f"seekserve: invalid settings: {describe_validation_error(e)}", file=sys.stderr)
+        return 2
+    except (EngineError, KeyStoreError, StoreError, SetupError, ConfigFileError, ValueError) as e:
         print(f"seekserve: error: {e}", file=sys.stderr)
         return 2
 

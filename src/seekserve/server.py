@@ -16,6 +16,8 @@ from seekserve.api.lifecycle import ServerState
 from seekserve.backends.local import LocalBackend
 from seekserve.config import Settings
 from seekserve.engine import EngineConfig, LLMEngine
+from seekserve.gateway.setup import SetupError, load_pepper, open_store
+from seekserve.store.keys import KeyStore
 
 log = logging.getLogger("seekserve.server")
 DEFAULT_MODEL = Path(__file__).parent / "engine" / "default_model"
@@ -31,7 +33,7 @@ def build_backend(settings: Settings) -> LocalBackend:
         model_path=model_path, dtype=settings.dtype, device=settings.device, max_num_seqs=settings.batch_size,
         max_model_len=settings.max_sequence_length, max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_memory_gb=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching,
-        tensor_parallel_size=settings.tensor_parallel))
+        tensor_parallel_size=settings.tensor_parallel, num_reserved_slots=settings.num_reserved_slots()))
     log.info("model ready in %.2fs: %s as %s", time.perf_counter() - t0, model_path, ", ".join(names))
     return LocalBackend(engine, names, settings.reasoning_parser, settings.max_queued_requests)
 
@@ -65,7 +67,30 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def check_exposure(settings: Settings) -> None:
+    """Safe default: with no credential of any kind (static key, issuer, key in the store) the server runs
+    open, so it may only listen on loopback unless --allow-unauthenticated says otherwise."""
+    if settings.host in LOOPBACK or settings.host.startswith("127.") or settings.allow_unauthenticated:
+        return
+    if settings.api_key or settings.oidc is not None:
+        return
+    keys = KeyStore(open_store(settings), load_pepper(settings))
+    if keys.has_usable_keys():
+        return
+    raise SetupError(f"refusing to listen on {settings.host} with no authentication: create a key first "
+                     "(`seekserve keys create --name admin --role admin --tenant ops`), configure an OIDC "
+                     "issuer, or pass --allow-unauthenticated to serve openly on purpose")
+
+
 def serve(settings: Settings) -> int:
+    try:
+        check_exposure(settings)
+    except SetupError as e:
+        log.error("%s", e)
+        return 2
     backend = build_backend(settings)
     state = ServerState()
     app = create_app(settings, backend, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -65,10 +66,13 @@ def running_server(model: Path, **settings: Any) -> Iterator[tuple[str, LocalBac
     settings.setdefault("kv_cache_memory", 0.05)
     settings.setdefault("dtype", "float32")
     settings.setdefault("device", "cpu")
+    if "data_dir" not in settings:     # each server its own store, never the user's home folder
+        settings["data_dir"] = tempfile.mkdtemp(prefix="seekserve-test-")
     cfg = Settings(model_path=str(model), port=free_port(), **settings)
     engine = LLMEngine(EngineConfig(model_path=cfg.model_path, dtype=cfg.dtype, device=cfg.device,
                                     max_num_seqs=cfg.batch_size, kv_cache_memory_gb=cfg.kv_cache_memory,
-                                    max_model_len=cfg.max_sequence_length))
+                                    max_model_len=cfg.max_sequence_length,
+                                    num_reserved_slots=cfg.num_reserved_slots()))
     backend = LocalBackend(engine, cfg.served_model_name or [model.name], cfg.reasoning_parser,
                            cfg.max_queued_requests)
     app = create_app(cfg, backend)

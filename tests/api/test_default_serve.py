@@ -16,7 +16,8 @@ from tests.api.conftest import free_port
 
 def test_serve_with_no_arguments_starts_the_shipped_model(tmp_path) -> None:
     port = free_port()
-    env = {**os.environ, "SEEKSERVE_PORT": str(port)}   # the only non-default: a free port for the test
+    # the only non-defaults: a free port, and a data folder of the test's own (not the user's home)
+    env = {**os.environ, "SEEKSERVE_PORT": str(port), "XDG_DATA_HOME": str(tmp_path)}
     env.pop("SEEKSERVE_CONFIG", None)
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "seekserve.cli", "serve"], env=env, stdout=subprocess.PIPE,

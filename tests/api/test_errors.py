@@ -455,12 +455,12 @@ def test_fuzz_other_endpoints(case, main) -> None:
 
 
 def test_fuzz_covered_generation_and_server_survived(http: httpx.Client) -> None:
-    """Runs after the fuzz tests (file order): they sent >= 200 requests, most to the two generation
-    endpoints, some of which generated text; and the server still works."""
+    """Runs after the fuzz tests (file order): they sent >= 200 requests, at least 150 to the two
+    generation endpoints, some of which generated text; and the server still works."""
     if not FUZZ_STATUSES:
         pytest.skip("run together with the fuzz tests")
-    posts = [(label, status) for label, status in FUZZ_STATUSES if label.startswith("POST")]
-    assert len(FUZZ_STATUSES) >= 200 and len(posts) >= 0.8 * len(FUZZ_STATUSES)
+    posts = [(label, status) for label, status in FUZZ_STATUSES if label in (f"POST {CHAT}", f"POST {COMPLETIONS}")]
+    assert len(FUZZ_STATUSES) >= 200 and len(posts) >= 150
     for label in (f"POST {CHAT}", f"POST {COMPLETIONS}"):
         statuses = {status for lab, status in posts if lab == label}
         assert 200 in statuses and 422 in statuses, (label, statuses)

@@ -39,7 +39,7 @@ def serve(model: Path, tmp_path: Path, *extra: str) -> Iterator[Server]:
     log = tmp_path / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "seekserve.cli", "serve", "--model-path", str(model), "--port", str(port),
            "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "0.05", "--batch-size", "4",
-           "--served-model-name", MODEL, *extra]
+           "--served-model-name", MODEL, "--data-dir", str(tmp_path / f"data-{port}"), *extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEEKSERVE_")}
     env["PYTHONUNBUFFERED"] = "1"
     with open(log, "wb") as out:

@@ -27,9 +27,10 @@ def make_seq(prompt: int | list[int], priority: int = 0, max_tokens: int = 16,
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 64, preempt_for_priority: bool = True) -> Scheduler:
+                   max_num_batched_tokens: int = 64, preempt_for_priority: bool = True,
+                   num_reserved_slots: int = 0) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens,
-                     preempt_for_priority=preempt_for_priority)
+                     preempt_for_priority=preempt_for_priority, num_reserved_slots=num_reserved_slots)
 
 
 def step(sched: Scheduler) -> SchedulerOutput:
@@ -294,6 +295,39 @@ def test_priority_preemption_when_out_of_blocks():
     out = sched.schedule()
     assert out.preempted == [b]                                 # the worst priority, not the latest
     assert [x.seq for x in out.scheduled] == [a, urgent]
+
+
+def test_reserved_slots_are_kept_for_vip():
+    sched = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_reserved_slots=1)
+    standard = [make_seq(4, priority=1, max_tokens=10) for _ in range(5)]
+    for s in standard:
+        sched.add(s)
+    out = step(sched)
+    assert [x.seq for x in out.scheduled] == standard[:3]      # the 4th slot stays free for vip
+    vip = make_seq(4, priority=0, max_tokens=2)
+    sched.add(vip)
+    out = sched.schedule()
+    assert out.preempted == [] and vip in [x.seq for x in out.scheduled]
+    sched.update_after_step(out)
+    for s in (x.seq for x in out.scheduled):
+        s.token_ids.append(DUMMY)
+    while sched.has_unfinished():
+        step(sched)
+    assert all(s.num_output_tokens == 10 for s in standard)
+    assert_idle_and_clean(sched)
+
+
+def test_standard_preempts_batch_only_outside_the_reserved_pool():
+    sched = make_scheduler(max_num_seqs=3, max_num_batched_tokens=100, num_reserved_slots=1)
+    batch = [make_seq(4, priority=2, max_tokens=10) for _ in range(2)]
+    for s in batch:
+        sched.add(s)
+    step(sched)
+    standard = make_seq(4, priority=1, max_tokens=2)
+    sched.add(standard)
+    out = sched.schedule()
+    assert out.preempted == [batch[1]]                         # the free slot is vip's, not standard's
+    assert [x.seq for x in out.scheduled] == [batch[0], standard]
 
 
 def test_no_priority_preemption_when_disabled():

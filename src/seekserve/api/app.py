@@ -1,31 +1,70 @@
-"""create_app: builds the FastAPI application around a backend. No globals: tests build their own."""
+"""create_app: builds the FastAPI application around its backends and the gateway. No globals: tests
+build their own. Every route must declare its permission (`requires`); one that does not is refused here."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 
 from seekserve import __version__
-from seekserve.api.context import AppContext
+from seekserve.api.context import AppContext, route_permission
 from seekserve.api.errors import install_error_handlers
 from seekserve.api.lifecycle import LifecycleMiddleware, ServerState
 from seekserve.api.metrics import ServerMetrics
-from seekserve.api.routes import chat, completions, health, models
+from seekserve.api.routes import chat, completions, health, keys, models, records
 from seekserve.backends.base import Backend
 from seekserve.config import Settings
+from seekserve.gateway.rbac import Permission
+from seekserve.gateway.setup import GatewayParts, build_gateway
 
 
-def create_app(settings: Settings, backend: Backend, state: ServerState | None = None) -> FastAPI:
-    app = FastAPI(title="seekserve", version=__version__,
+def create_app(settings: Settings, backend: Backend | dict[str, Backend], state: ServerState | None = None,
+               parts: GatewayParts | None = None) -> FastAPI:
+    backends = backend if isinstance(backend, dict) else {"local": backend}
+    local = backends.get("local")
+    metrics = ServerMetrics(getattr(local, "stats", lambda: None))
+    owned = parts is None
+    parts = parts or build_gateway(settings, backends, metrics.registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owned:
+            await parts.start()     # the Kafka relay runs in the server's loop
+        yield
+        if owned:   # in the server's own loop: flushes usage/audit records, closes Redis and HTTP clients
+            await parts.close()
+
+    app = FastAPI(title="seekserve", version=__version__, lifespan=lifespan,
                   description="OpenAI/DeepSeek-compatible API of a self-hosted model server")
-    stats = getattr(backend, "stats", lambda: None)
-    metrics = ServerMetrics(stats)
-    app.state.context = AppContext(settings=settings, backend=backend, metrics=metrics,
-                                   state=state or ServerState())
+    app.state.context = AppContext(settings=settings, backends=parts.backends, metrics=metrics,
+                                   state=state or ServerState(), auth=parts.auth, gateway=parts.gateway,
+                                   keys=parts.keys, usage=parts.usage, audit=parts.audit, writer=parts.writer)
+    app.state.gateway_parts = parts
     install_error_handlers(app)
-    for router in (chat.router, completions.router, models.router):
-        app.include_router(router, prefix="/v1")
-        app.include_router(router, include_in_schema=False)   # DeepSeek's base URL works without /v1
-    app.include_router(health.router)
+    table: list[tuple[str, str, Permission]] = []
+    mounts = [(r, "/v1", True) for r in (chat.router, completions.router, models.router)]
+    mounts += [(r, "", False) for r in (chat.router, completions.router, models.router)]  # DeepSeek: no /v1
+    mounts += [(r, "", True) for r in (health.router, keys.router, records.router)]
+    for router, prefix, in_schema in mounts:
+        table += _permissions(router, prefix)
+        app.include_router(router, prefix=prefix, include_in_schema=in_schema)
+    app.state.route_table = sorted(set(table))
     app.add_middleware(LifecycleMiddleware, state=app.state.context.state, metrics=metrics,
                        max_body_bytes=settings.max_request_body_bytes)
     return app
+
+
+def _permissions(router: APIRouter, prefix: str) -> list[tuple[str, str, Permission]]:
+    """(method, path, permission) of each route; a route that declares no permission is an error."""
+    out = []
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        permission = route_permission(route)
+        if permission is None:
+            raise RuntimeError(f"route {prefix}{route.path} declares no permission (use requires(...))")
+        out += [(method, prefix + route.path, permission) for method in route.methods - {"HEAD"}]
+    return out

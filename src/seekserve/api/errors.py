@@ -13,12 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seekserve.backends.base import BackendError
 from seekserve.engine.errors import EngineDeadError, InvalidRequestError
+from seekserve.gateway.errors import GatewayError
 
 log = logging.getLogger("seekserve.api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "server_error",
+          409: "invalid_request_error", 422: "invalid_request_error", 402: "insufficient_quota", 429: "rate_limit_error", 500: "server_error", 502: "server_error", 504: "server_error",
           503: "service_unavailable_error"}
 
 
@@ -68,6 +69,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BackendError)
     async def _backend(_: Request, exc: BackendError) -> JSONResponse:
         return APIError.from_backend(exc).response()
+
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        return APIError(exc.status, exc.message, exc.param, exc.code, exc.error_type, exc.headers).response()
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:

@@ -102,17 +102,18 @@ class RequestTimer:
         self.last: float | None = None
 
     def tokens(self, chunk: Chunk) -> None:
-        if not chunk.token_ids:
+        if chunk.finish_reason:
+            self.metrics.request_success.labels(self.model, chunk.finish_reason).inc()
+        # remote backends and cache hits carry text but no token ids: their first text is the first token
+        if not (chunk.token_ids or chunk.text or chunk.reasoning_text):
             return
         now = time.perf_counter()
         if self.last is None:
             self.metrics.ttft.labels(self.model).observe(now - self.start)
-        else:
+        elif chunk.token_ids:
             self.metrics.itl.labels(self.model).observe((now - self.last) / len(chunk.token_ids))
         self.last = now
         self.metrics.generation_tokens.labels(self.model).inc(len(chunk.token_ids))
-        if chunk.finish_reason:
-            self.metrics.request_success.labels(self.model, chunk.finish_reason).inc()
 
     def done(self, usage: UsageTracker) -> None:
         self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)

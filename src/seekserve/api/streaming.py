@@ -69,7 +69,7 @@ async def guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield DONE_FRAME
 
 
-def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
     """The HTTP response of a stream: errors after the first byte become a final event (`guard`)."""
     return StreamingResponse(guard(events), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={**(headers or {}), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

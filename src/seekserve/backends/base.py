@@ -15,11 +15,15 @@ class BackendError(Exception):
     """A request the backend refuses or cannot serve; `status` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None,
+                 retryable: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
         self.error_type = error_type
         self.headers = headers or {}
+        # the backend failed, not the request: another try (here or on a fallback backend) may succeed
+        self.retryable = retryable
+        self.retry_after = retry_after   # seconds the backend asked us to wait, if it said
 
 
 @dataclass(frozen=True)

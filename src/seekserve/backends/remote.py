@@ -215,7 +215,7 @@ class RemoteStream:
 
 def status_error(upstream: str, status: int, raw: bytes, headers: httpx.Headers,
                  secret: str | None) -> BackendError:
-    """An upstream's non-2xx answer -> the error our client sees (docs/configuration.md has the table)."""
+    """An upstream's non-2xx answer -> the error our client sees (docs/hybrid.md has the table)."""
     message, param, code = _upstream_error(raw)
     message = _scrub(message, secret)
     retry_header = headers.get("retry-after")   # passed on: the client should wait as long as we must

@@ -71,6 +71,10 @@ class AsyncEngine:
             if req.request_id in self._streams:
                 raise InvalidRequestError(f"request id {req.request_id!r} is already in use", param="request_id")
             self._streams[req.request_id] = stream
+        if self._stopped.is_set():   # shut down between stream() and now: nothing will ever answer
+            with self._lock:
+                self._streams.pop(req.request_id, None)
+            raise EngineDeadError("the engine loop was shut down")
         self._send("add", req)
         finished = False
         try:
@@ -119,6 +123,9 @@ class AsyncEngine:
             log.exception("engine loop crashed")
             self._dead = e
             self._fail_all(EngineDeadError(f"the engine loop crashed: {e!r}"))
+            return
+        # shut down with requests still open: they end with a clear error instead of waiting forever
+        self._fail_all(EngineDeadError("the engine loop was shut down"))
 
     def _drain_inbox(self) -> None:
         while True:

@@ -26,6 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1           # --tensor-parallel
     preempt_for_priority: bool = True       # a waiting higher-priority request may preempt a running one
+    num_reserved_slots: int = 0             # batch slots kept for priority-0 (vip) requests
     seed: int = 0                           # global sampling seed for requests without their own
     max_logprobs: int = 20
 
@@ -44,6 +45,8 @@ class EngineConfig:
               "must be > 0")
         check(self.kv_cache_memory_fraction is None or 0 < self.kv_cache_memory_fraction <= 0.95,
               "kv_cache_memory_fraction", "must be in (0, 0.95]")
+        check(0 <= self.num_reserved_slots < self.max_num_seqs, "num_reserved_slots",
+              "must be >= 0 and below max_num_seqs")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
         if self.tensor_parallel_size > 1:
             raise InvalidRequestError(

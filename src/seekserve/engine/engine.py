@@ -91,7 +91,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.preempt_for_priority)
+                                   config.preempt_for_priority, config.num_reserved_slots)
         self.sampler = Sampler(tuple(self.eos_token_ids), device, config.seed)
         self._requests: dict[str, list[Sequence]] = {}
         t2 = time.perf_counter()

@@ -5,7 +5,8 @@ prefix-cache hits and recompute after preemption are all that rule.
 Order: running sequences first (best priority first), then waiting ones by (priority, arrival).
 When blocks run out, the lowest-priority, latest running sequence is preempted (its blocks freed,
 recomputed later). A waiting sequence of strictly better priority may preempt the worst running one
-when it cannot otherwise start (no free slot or no blocks)."""
+when it cannot otherwise start (no free slot or no blocks). The last `num_reserved_slots` batch slots
+are kept for priority-0 (vip) sequences: a dedicated pool, so vip traffic never waits for a slot."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preempt_for_priority: bool = True) -> None:
+                 preempt_for_priority: bool = True, num_reserved_slots: int = 0) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
+        self.num_reserved_slots = num_reserved_slots   # slots only priority-0 sequences may take
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preempt_for_priority = preempt_for_priority
         self.waiting: list[tuple[tuple[int, int], Sequence]] = []   # heap by sort_key
@@ -115,6 +117,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0][1]
+            if seq.priority > 0 and len(self.running) >= self.max_num_seqs - self.num_reserved_slots:
+                break  # the remaining slots are vip's; everything behind seq in the heap is no more urgent
             if any(p is seq for p in out.preempted):
                 break  # preempted in this very step: re-admitting it would only waste the recompute
             computed = bm.get_computed_blocks(seq)
@@ -141,7 +145,7 @@ class Scheduler:
             if head.priority >= worst.priority:
                 return
             first_chunk = min(head.num_tokens, self.max_num_batched_tokens)
-            no_slot = len(self.running) >= self.max_num_seqs
+            no_slot = len(self.running) >= self.max_num_seqs - (self.num_reserved_slots if head.priority else 0)
             no_blocks = not bm.can_allocate([], first_chunk)
             if not (no_slot or no_blocks):
                 return

@@ -64,7 +64,13 @@ def is_backend_fault(err: BaseException) -> bool:
     Anything that is not a BackendError (connection reset, timeout, a bug) is the backend's."""
     if not isinstance(err, BackendError):
         return True
-    return err.retryable or err.status >= 500 or err.status in (408, 429)
+    # 402: our account with the upstream is out of credit: not the client's fault, another backend may answer
+    return err.retryable or err.status >= 500 or err.status in (402, 408, 429)
+
+
+def is_busy(err: BaseException) -> bool:
+    """The backend refused for load (its queue is full): worth a fallback, not a breaker failure."""
+    return isinstance(err, BackendError) and err.code == "queue_full"
 
 
 def as_backend_error(name: str, err: Exception, policy: RetryPolicy) -> BackendError:
@@ -150,9 +156,9 @@ async def aclose_stream(stream: AsyncIterator[Chunk]) -> None:
 
 
 async def open_stream(backend: Backend, request: GenerationRequest,
-                      timeout: float) -> tuple[AsyncIterator[Chunk], Chunk | None]:
+                      timeout: float | None) -> tuple[AsyncIterator[Chunk], Chunk | None]:
     """Start the request and wait for its first chunk (None: the stream ended empty), all within
-    `timeout` seconds. Until this returns nothing has reached the client, so a failure may be retried."""
+    `timeout` seconds (None: no limit). Until this returns nothing has reached the client, so a failure may be retried."""
     async with asyncio.timeout(timeout):
         stream = await backend.start(request)
         try:

@@ -24,6 +24,7 @@ from seekserve.gateway.resilience import (
     aclose_stream,
     as_backend_error,
     is_backend_fault,
+    is_busy,
     open_stream,
     retry_after_header,
     retry_delay,
@@ -42,6 +43,9 @@ class BackendEntry:
     backend: Backend
     remote: bool                                   # data leaves our domain: never for sensitive requests
     queue_depth: Callable[[], int] | None = None   # local engines: requests waiting, for overflow rules
+    # an in-process engine queues requests on purpose (a batch-tier request may wait minutes for a slot):
+    # first_chunk_timeout is a stall detector for HTTP upstreams only
+    in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,13 +265,17 @@ class Router:
             if not entry.backend.is_ready() or not breaker.allow():
                 return error or _SKIPPED
             try:
-                opened = await open_stream(entry.backend, request, self.retry.first_chunk_timeout)
+                opened = await open_stream(entry.backend, request,
+                                           None if entry.in_process else self.retry.first_chunk_timeout)
             except Exception as e:
                 if not is_backend_fault(e):
                     breaker.release()
                     self.metrics.requests.labels(backend=entry.name, rule=rule, outcome="error").inc()
                     raise
-                breaker.record_failure()
+                if is_busy(e):
+                    breaker.release()    # a full queue is load, not failure: fall back, keep the circuit closed
+                else:
+                    breaker.record_failure()
                 error = as_backend_error(entry.name, e, self.retry)
             except BaseException:
                 breaker.release()     # cancelled: says nothing about the backend

@@ -7,16 +7,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from seekserve.api.context import Authenticated, Context
+from seekserve.api.context import Context, requires
 from seekserve.api.errors import APIError
 from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
                                       sampling_params)
 from seekserve.api.schemas import ChatCompletionRequest
 from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, sse_response, with_keepalive
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
+from seekserve.gateway.principal import Principal
+from seekserve.gateway.rbac import Permission
 
-router = APIRouter(dependencies=[Authenticated])
+router = APIRouter()
 # template variables the backend passes itself: a request setting them again would be a TypeError (500)
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
 
@@ -29,8 +32,9 @@ def _logprobs(entries: list[LogprobEntry] | None) -> list[dict[str, Any]] | None
 
 
 @router.post("/chat/completions", summary="Create a chat completion")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context):
-    info = ctx.model(body.model)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context,
+                                 principal: Principal = requires(Permission.inference)):
+    info = ctx.model(body.model, principal)
     if any(m.reasoning_content for m in body.messages):
         # DeepSeek's rule: reasoning_content of earlier turns must not be sent back
         raise APIError(400, "reasoning_content must not be included in input messages", param="messages")
@@ -44,17 +48,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     gen = GenerationRequest(request_id=rid, model=info.id, kind="chat", params=params,
                             messages=[{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                                       for m in body.messages],
-                            chat_template_kwargs=body.chat_template_kwargs or {})
-    chunks = await ctx.backend.start(gen)
+                            chat_template_kwargs=body.chat_template_kwargs or {},
+                            priority=principal.priority, cache_salt=principal.tenant)
+    admission = await ctx.gateway.admit(principal, [gen], request.headers, "inference.chat")
+    chunks = admission.streams[0]
     ctx_created, timer = int(time.time()), RequestTimer(ctx.metrics, info.id)
     base = {"id": rid, "created": ctx_created, "model": info.id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _sse(merge([chunks]), base, info.reasoning, include_usage, ctx.settings.keepalive_interval,
                       body.n, timer, body.logprobs)
-        return sse_response(stream)
+        return sse_response(stream, admission.headers)
     items = await collect_or_abort(request, merge([chunks]))
-    return _response(items, base, info.reasoning, body.n, timer, body.logprobs)
+    return JSONResponse(_response(items, base, info.reasoning, body.n, timer, body.logprobs),
+                        headers=admission.headers)
 
 
 def _response(items: list[tuple[int, Chunk]], base: dict[str, Any], reasoning: bool, n: int,

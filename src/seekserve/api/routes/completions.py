@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from seekserve.api.context import Authenticated, Context
+from seekserve.api.context import Context, requires
 from seekserve.api.errors import APIError
 from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
                                       sampling_params)
 from seekserve.api.schemas import CompletionRequest
 from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, sse_response, with_keepalive
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
+from seekserve.gateway.principal import Principal
+from seekserve.gateway.rbac import Permission
 
-router = APIRouter(dependencies=[Authenticated])
+router = APIRouter()
 MAX_PROMPTS = 64
 
 
@@ -45,22 +48,26 @@ def _logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
 
 
 @router.post("/completions", summary="Create a completion")
-async def create_completion(body: CompletionRequest, request: Request, ctx: Context):
-    info = ctx.model(body.model)
+async def create_completion(body: CompletionRequest, request: Request, ctx: Context,
+                            principal: Principal = requires(Permission.inference)):
+    info = ctx.model(body.model, principal)
     params = sampling_params(body)
     prompts = _prompts(body.prompt)
     rid = request_id("cmpl")
-    streams = [await ctx.backend.start(GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion",
-                                                         params=params, prompt=p)) for i, p in enumerate(prompts)]
-    echoes = ([p if isinstance(p, str) else ctx.backend.detokenize(p) for p in prompts] if body.echo
+    echoes = ([p if isinstance(p, str) else ctx.detokenize(info.id, p) for p in prompts] if body.echo
               else [""] * len(prompts))
+    gens = [GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion", params=params, prompt=p,
+                              priority=principal.priority, cache_salt=principal.tenant)
+            for i, p in enumerate(prompts)]
+    admission = await ctx.gateway.admit(principal, gens, request.headers, "inference.completion")
+    streams = admission.streams
     base = {"id": rid, "created": int(time.time()), "model": info.id}
     timer = RequestTimer(ctx.metrics, info.id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _sse(merge(streams), base, body.n, echoes, include_usage, ctx.settings.keepalive_interval, timer,
                       body.logprobs is not None)
-        return sse_response(events)
+        return sse_response(events, admission.headers)
     items = await collect_or_abort(request, merge(streams))
     usage = UsageTracker()
     choices = [{"text": echoes[i // body.n], "logprobs": [], "finish": None} for i in range(len(prompts) * body.n)]
@@ -75,8 +82,8 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     out = [{"index": i, "text": c["text"],
             "logprobs": _logprobs(c["logprobs"], len(echoes[i // body.n])) if body.logprobs is not None else None,
             "finish_reason": c["finish"]} for i, c in enumerate(choices)]
-    return {**base, "object": "text_completion", "choices": out, "usage": usage.usage(False),
-            "system_fingerprint": None}
+    return JSONResponse({**base, "object": "text_completion", "choices": out, "usage": usage.usage(False),
+                         "system_fingerprint": None}, headers=admission.headers)
 
 
 async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n: int, echoes: list[str],

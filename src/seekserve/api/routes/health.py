@@ -6,9 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from seekserve.api.context import Context
+from seekserve.api.context import Context, requires
+from seekserve.gateway.rbac import Permission
 
-router = APIRouter()
+# probes and metrics answer without credentials: kubelets and Prometheus scrape them
+router = APIRouter(dependencies=[requires(Permission.public)])
 
 
 @router.get("/health", summary="Liveness")
@@ -20,7 +22,7 @@ async def health() -> dict[str, str]:
 async def ready(ctx: Context) -> JSONResponse:
     if ctx.state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not ctx.backend.is_ready():
+    if not all(b.is_ready() for b in ctx.backends.values()):
         return JSONResponse({"status": "not ready"}, status_code=503)
     return JSONResponse({"status": "ready"})
 

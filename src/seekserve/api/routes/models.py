@@ -6,10 +6,12 @@ import time
 
 from fastapi import APIRouter
 
-from seekserve.api.context import Authenticated, Context
+from seekserve.api.context import Context, requires
 from seekserve.backends.base import ModelInfo
+from seekserve.gateway.principal import Principal
+from seekserve.gateway.rbac import Permission
 
-router = APIRouter(dependencies=[Authenticated])
+router = APIRouter()
 _CREATED = int(time.time())
 
 
@@ -19,10 +21,11 @@ def _model(info: ModelInfo) -> dict:
 
 
 @router.get("/models", summary="List models")
-async def list_models(ctx: Context) -> dict:
-    return {"object": "list", "data": [_model(m) for m in ctx.backend.models()]}
+async def list_models(ctx: Context, principal: Principal = requires(Permission.models_read)) -> dict:
+    """The models this caller may use (a key restricted to some models sees only those)."""
+    return {"object": "list", "data": [_model(m) for m in ctx.models(principal)]}
 
 
 @router.get("/models/{model}", summary="Retrieve a model")
-async def get_model(model: str, ctx: Context) -> dict:
-    return _model(ctx.model(model))
+async def get_model(model: str, ctx: Context, principal: Principal = requires(Permission.models_read)) -> dict:
+    return _model(ctx.model(model, principal))

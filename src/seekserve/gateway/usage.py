@@ -1,0 +1,131 @@
+"""Metering and audit of every call: usage (tokens, cost, latency, backend) and a chained audit record,
+written off the request path by one writer thread in small batches (a request never waits for the
+database). `close()` flushes everything, so a graceful restart loses nothing; a crash loses at most the
+last `flush_interval` of records."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from seekserve.store.audit import AuditLog, AuditRecord
+from seekserve.store.usage import UsageRecord, UsageStore
+
+log = logging.getLogger("seekserve.gateway.usage")
+
+
+class Price(BaseModel):
+    """USD per million tokens."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    input: float = Field(0.0, ge=0)          # prompt tokens not found in the upstream's cache
+    cached_input: float = Field(0.0, ge=0)   # prompt tokens served from the cache
+    output: float = Field(0.0, ge=0)
+
+
+# DeepSeek's published list prices (USD / 1M tokens); override with `model_prices` in the config
+DEFAULT_PRICES: dict[str, Price] = {
+    "deepseek-chat": Price(input=0.27, cached_input=0.07, output=1.10),
+    "deepseek-reasoner": Price(input=0.55, cached_input=0.14, output=2.19),
+}
+
+
+def cost_usd(price: Price | None, prompt: int, cached: int, completion: int) -> float:
+    if price is None:
+        return 0.0
+    return ((prompt - cached) * price.input + cached * price.cached_input + completion * price.output) / 1e6
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    actor: str
+    tenant: str
+    action: str
+    target: str = ""
+    status: str = "ok"
+    detail: dict[str, Any] | None = None
+
+
+Sink = Callable[[list[UsageRecord], list[AuditRecord]], None]
+
+
+class RecordWriter:
+    """One thread drains a queue of usage records and audit events into the store, in batches."""
+
+    def __init__(self, usage: UsageStore, audit: AuditLog, flush_interval: float = 0.05,
+                 max_batch: int = 500, on_written: Sink | None = None) -> None:
+        self.usage, self.audit = usage, audit
+        self.flush_interval, self.max_batch = flush_interval, max_batch
+        self.on_written = on_written           # e.g. the Kafka outbox publisher
+        self._queue: queue.Queue[UsageRecord | AuditEvent | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="seekserve-records", daemon=True)
+        self._thread.start()
+
+    def add_usage(self, record: UsageRecord) -> None:
+        self._idle.clear()
+        self._queue.put(record)
+
+    def add_audit(self, event: AuditEvent) -> None:
+        self._idle.clear()
+        self._queue.put(event)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written."""
+        deadline = time.monotonic() + timeout
+        while not (self._queue.empty() and self._idle.is_set()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[UsageRecord | AuditEvent] = []
+            item = self._queue.get()
+            deadline = time.monotonic() + self.flush_interval
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+            stopping = item is None
+            self._write(batch)
+            if self._queue.empty():
+                self._idle.set()
+
+    def _write(self, batch: list[UsageRecord | AuditEvent]) -> None:
+        usage = [r for r in batch if isinstance(r, UsageRecord)]
+        events = [e for e in batch if isinstance(e, AuditEvent)]
+        audits: list[AuditRecord] | None = None if events else []
+        stored = not usage
+        for attempt in range(5):   # a busy or briefly unreachable database: retry, never drop silently
+            try:
+                if not stored:
+                    self.usage.add_many(usage)      # idempotent by event id
+                    stored = True
+                if audits is None:                  # appended once: a retry must not chain them twice
+                    audits = self.audit.append_many([e.__dict__ for e in events])
+                if self.on_written is not None:
+                    self.on_written(usage, audits)
+                return
+            except Exception:  # noqa: BLE001 — logged and retried; the records stay in hand
+                log.exception("writing %d usage and %d audit records failed (attempt %d)", len(usage),
+                              len(events), attempt + 1)
+                time.sleep(0.2 * 2 ** attempt)
+        log.error("gave up on %d usage and %d audit records after 5 failed writes", len(usage), len(events))
