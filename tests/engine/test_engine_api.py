@@ -175,3 +175,21 @@ def test_async_cancelled_task_aborts(llama_path) -> None:
         assert asyncio.run(main())
     finally:
         async_engine.shutdown()
+
+
+def test_shutdown_fails_open_streams_instead_of_leaving_them_waiting(llama_path) -> None:
+    from seekserve.engine.errors import EngineDeadError
+
+    engine = make_engine(llama_path)
+    async_engine = AsyncEngine(engine)
+
+    async def main():
+        gen = async_engine.generate([0, 3, 4], SamplingParams(max_tokens=5000, ignore_eos=True))
+        await anext(gen)
+        await asyncio.to_thread(async_engine.shutdown)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async with asyncio.timeout(10):
+                async for _ in gen:
+                    pass
+
+    asyncio.run(main())

@@ -61,7 +61,10 @@ class Scripted:
         errors = {"retry": BackendError("busy", 503, retryable=True),
                   "slow": BackendError("busy", 503, retryable=True, retry_after=1.5),
                   "later": BackendError("busy", 503, retryable=True, retry_after=60.0),
-                  "bad": BackendError("bad request", 400, param="x")}
+                  "bad": BackendError("bad request", 400, param="x"),
+                  "full": BackendError("queue full", 429, code="queue_full", error_type="rate_limit_error",
+                                       headers={"Retry-After": "1"}),
+                  "broke": BackendError("insufficient balance", 402, code="insufficient_balance")}
         if step in errors:
             raise errors[step]
         if step == "refused":
@@ -470,3 +473,23 @@ def test_cancelled_probe_is_released() -> None:
     assert backends["local"].closed == 1
     assert serve(router, ctx())[0] == "local"    # the next caller may probe (and succeeds)
 
+
+
+def test_a_full_local_queue_falls_back_without_opening_the_breaker():
+    local, cloud = Scripted(["full"] * 10), Scripted()
+    router, _ = make_router({"local": local, "cloud": cloud}, [rule("public", ["local", "cloud"])],
+                            breaker_config=BreakerConfig(failure_threshold=2, reset_timeout=60))
+    for _ in range(4):
+        assert serve(router, ctx())[0] == "cloud"
+    assert router.breakers["local"].state is BreakerState.closed     # load is not failure
+    alone, _ = make_router({"local": Scripted(["full"] * 10)}, [rule("all", ["local"])], remote=(),
+                           breaker_config=BreakerConfig(failure_threshold=2, reset_timeout=60))
+    for _ in range(4):                                                 # no fallback: the client gets the 429
+        err = fails(alone, ctx(), BackendError)
+        assert err.status == 429 and err.headers["Retry-After"] == "1"
+
+
+def test_an_upstream_out_of_credit_falls_back():
+    router, _ = make_router({"cloud": Scripted(["broke"]), "local": Scripted()},
+                            [rule("public", ["cloud", "local"])])
+    assert serve(router, ctx())[0] == "local"
