@@ -183,3 +183,31 @@ def test_oidc_tokens_map_to_roles(chat_model: Path, tmp_path: Path, oidc: dict):
         assert r.status_code == 401 and expired not in r.text
         wrong_aud = token(oidc, aud="someone-else")
         assert httpx.get(f"{base}/admin/audit", headers=bearer(wrong_aud)).status_code == 401
+
+
+def test_the_server_runs_on_postgresql_too(chat_model: Path, tmp_path: Path, postgres_url: str):
+    """The same gateway on the shared PostgreSQL store: a key made by the CLI against that URL works, and the
+    call's usage and audit records land there."""
+    import uuid
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEKSERVE_")}
+    pepper = "pepper-" + uuid.uuid4().hex
+    env.update(SEEKSERVE_DATABASE_URL=postgres_url, SEEKSERVE_KEY_PEPPER=pepper)
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run([sys.executable, "-m", "seekserve.cli", "keys", "create", "--name", name, "--role",
+                           "developer", "--tenant", name], capture_output=True, text=True, env=env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    with running_server(chat_model, served_model_name=[MODEL], data_dir=str(tmp_path), database_url=postgres_url,
+                        key_pepper=pepper) as (base, _, app):
+        r = httpx.post(f"{base}/v1/chat/completions", headers=bearer(made.stdout.strip()), json=CHAT, timeout=30)
+        assert r.status_code == 200, r.text
+        usage = httpx.get(f"{base}/v1/usage", headers=bearer(made.stdout.strip())).json()["data"]
+        assert [u["tenant"] for u in usage] == [name]
+        assert app.state.gateway_parts.db.dialect == "postgresql"
+
+
+def test_a_shared_database_needs_an_explicit_pepper(tmp_path: Path, postgres_url: str):
+    from seekserve.gateway.setup import load_pepper
+
+    with pytest.raises(SetupError, match="SEEKSERVE_KEY_PEPPER"):
+        load_pepper(Settings(data_dir=str(tmp_path), database_url=postgres_url))
