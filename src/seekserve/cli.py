@@ -7,8 +7,6 @@ import argparse
 import logging
 import sys
 
-from seekserve.engine.errors import EngineError
-
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", required=True, help="Hugging Face model folder (or hub id org/name)")
@@ -88,6 +86,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     add("--rate-limit-failure-mode", "rate_limit_failure_mode", choices=["open", "closed"])
     add("--vip-reserved-share", "vip_reserved_share", type=float)
     add("--site", "site")
+    add("--default-max-tokens-reservation", "default_max_tokens_reservation", type=int)
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -114,10 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="seekserve", description="Self-hosted DeepSeek-compatible model server",
         epilog="Settings precedence for serve: command-line flags > SEEKSERVE_* environment > config file > defaults.")
     sub = parser.add_subparsers(dest="command", required=True)
+    from seekserve.config import FILE_ONLY_SETTINGS
+
     srv = sub.add_parser("serve", help="serve the OpenAI/DeepSeek-compatible HTTP API",
                          description="Serve a model over the OpenAI/DeepSeek-compatible HTTP API. With no "
                                      "--model-path, the tiny model shipped with seekserve. Precedence: flags > "
-                                     "SEEKSERVE_* environment > config file > defaults.")
+                                     "SEEKSERVE_* environment > config file > defaults.",
+                         epilog="Set in the config file or the environment only (docs/configuration.md): "
+                                + ", ".join(FILE_ONLY_SETTINGS) + " (e.g. SEEKSERVE_KEY_PEPPER, "
+                                "SEEKSERVE_RESPONSE_CACHE__ENABLED=true).")
     _add_serve_args(srv)
     srv.set_defaults(func=_cmd_serve)
     gen = sub.add_parser("generate", help="generate text offline with the native engine")
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from seekserve.config import ConfigFileError
-    from seekserve.gateway.setup import SetupError
+    from seekserve.gateway.bootstrap import SetupError
     from seekserve.store.db import StoreError
     from seekserve.store.keys import KeyStoreError
 
@@ -150,7 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"seekserve: invalid settings: {describe_validation_error(e)}", file=sys.stderr)
         return 2
-    except (EngineError, KeyStoreError, StoreError, SetupError, ConfigFileError, ValueError) as e:
+    except (KeyStoreError, StoreError, SetupError, ConfigFileError, ValueError) as e:
+        print(f"seekserve: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # the engine's errors (a model that cannot load ...); imported here because importing the engine
+        # loads torch, which the key and database commands do not need
+        from seekserve.engine.errors import EngineError
+
+        if not isinstance(e, EngineError):
+            raise
         print(f"seekserve: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ def _settings(a: argparse.Namespace):
 
 
 def _store(a: argparse.Namespace):
-    from seekserve.gateway.setup import load_pepper, open_store
+    from seekserve.gateway.bootstrap import load_pepper, open_store
     from seekserve.store.keys import KeyStore
 
     settings = _settings(a)

@@ -19,6 +19,12 @@ DEFAULT_CONFIG_FILE = Path("/etc/seekserve/config.yaml")
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("seekserve_config_file", default=None)
 
 
+# settings without a command-line flag: nested sections (config file or SEEKSERVE_<SECTION>__<KEY>) and the
+# key pepper (a secret: a flag would show in `ps`)
+FILE_ONLY_SETTINGS = ("key_pepper", "oidc", "tenant_limits", "upstreams", "routes", "retry", "sensitivity",
+                      "response_cache", "model_prices", "sync")
+
+
 class ConfigFileError(ValueError):
     """The YAML config file is unreadable or not a mapping."""
 
@@ -99,7 +105,12 @@ class SyncSettings(_Strict):
     sasl_username: str | None = None
     sasl_password_env: str | None = None
     ssl_cafile: str | None = None
-    enable_idempotence: bool = True
+    enable_idempotence: bool = True       # Tansu (the test broker) refuses it: set false there
+    batch_size: int = Field(500, ge=1)
+    poll_interval: float = Field(0.5, gt=0)
+    max_backoff: float = Field(30.0, gt=0)
+    send_timeout: float = Field(30.0, gt=0)
+    retain_delivered: float = Field(86400.0, ge=0, description="seconds delivered outbox rows are kept")
 
 
 class OIDCSettings(_Strict):

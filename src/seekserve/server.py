@@ -16,7 +16,7 @@ from seekserve.api.lifecycle import ServerState
 from seekserve.backends.local import LocalBackend
 from seekserve.config import Settings
 from seekserve.engine import EngineConfig, LLMEngine
-from seekserve.gateway.setup import SetupError, load_pepper, open_store
+from seekserve.gateway.bootstrap import SetupError, load_pepper, open_store
 from seekserve.store.keys import KeyStore
 
 log = logging.getLogger("seekserve.server")

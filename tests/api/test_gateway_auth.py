@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from seekserve.config import Settings
-from seekserve.gateway.setup import SetupError
+from seekserve.gateway.bootstrap import SetupError
 from seekserve.server import check_exposure
 from tests.api.conftest import free_port, running_server
 
@@ -207,7 +207,7 @@ def test_the_server_runs_on_postgresql_too(chat_model: Path, tmp_path: Path, pos
 
 
 def test_a_shared_database_needs_an_explicit_pepper(tmp_path: Path, postgres_url: str):
-    from seekserve.gateway.setup import load_pepper
+    from seekserve.gateway.bootstrap import load_pepper
 
     with pytest.raises(SetupError, match="SEEKSERVE_KEY_PEPPER"):
         load_pepper(Settings(data_dir=str(tmp_path), database_url=postgres_url))

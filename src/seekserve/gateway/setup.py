@@ -7,33 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 from dataclasses import dataclass
-from pathlib import Path
-
-from prometheus_client import CollectorRegistry
-
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from seekserve.backends.base import Backend
 from seekserve.backends.remote import RemoteBackend, RemoteBackendConfig, RemoteModel
 from seekserve.config import Settings
 from seekserve.gateway.auth import Authenticator
+from seekserve.gateway.bootstrap import SetupError, load_pepper, open_store  # noqa: F401 (re-exported)
 from seekserve.gateway.cache import CachePolicy, ResponseCache, open_response_cache
 from seekserve.gateway.oidc import JWTVerifier, OIDCConfig
 from seekserve.gateway.pipeline import Gateway
+from seekserve.gateway.principal import Limits, Role, Tier
+from seekserve.gateway.ratelimit import InProcessRateLimiter, RateLimiter
 from seekserve.gateway.resilience import BreakerConfig, RetryPolicy
 from seekserve.gateway.routing import BackendEntry, Router, RouteRule, default_rules
 from seekserve.gateway.sensitivity import Level, SensitivityClassifier, SensitivityPolicy
-from seekserve.gateway.usage import Price
-from seekserve.gateway.principal import Limits, Role, Tier
-from seekserve.gateway.ratelimit import InProcessRateLimiter, RateLimiter
-from seekserve.gateway.usage import RecordWriter
+from seekserve.gateway.usage import Price, RecordWriter
 from seekserve.store.audit import AuditLog
-from seekserve.store.db import Database, upgrade
+from seekserve.store.db import Database
 from seekserve.store.keys import KeyStore
 from seekserve.store.outbox import Outbox
 from seekserve.store.usage import UsageStore
@@ -42,39 +37,6 @@ if TYPE_CHECKING:
     from seekserve.gateway.sync import EventPublisher, OutboxRelay
 
 log = logging.getLogger("seekserve.gateway")
-
-
-class SetupError(ValueError):
-    """Settings that cannot work together (said before anything is served)."""
-
-
-def load_pepper(settings: Settings) -> bytes:
-    """--key-pepper, else <data-dir>/pepper, created once with 0600. Replicas sharing a PostgreSQL store must
-    share the pepper too, so with --database-url it must be given explicitly."""
-    if settings.key_pepper is not None:
-        value = settings.key_pepper.get_secret_value().encode()
-        if len(value) < 16:
-            raise SetupError("key_pepper must be at least 16 characters")
-        return value
-    url = settings.effective_database_url()
-    if not url.startswith("sqlite"):
-        raise SetupError("with a shared database (--database-url) every replica needs the same key pepper: set "
-                         "SEEKSERVE_KEY_PEPPER (a random string of 32+ characters, kept in a secret store)")
-    path = Path(settings.data_dir) / "pepper"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-        log.info("generated a key pepper in %s", path)
-    return path.read_text().strip().encode()
-
-
-def open_store(settings: Settings, migrate: bool = True) -> Database:
-    url = settings.effective_database_url()
-    if migrate:
-        upgrade(url)
-    return Database(url)
 
 
 def oidc_config(settings: Settings) -> OIDCConfig | None:
@@ -91,7 +53,7 @@ def oidc_config(settings: Settings) -> OIDCConfig | None:
 def build_limiter(settings: Settings, registry: CollectorRegistry) -> RateLimiter:
     if settings.redis_url is None:
         return InProcessRateLimiter(registry=registry)
-    from seekserve.gateway.ratelimit_redis import RedisRateLimiter   # only with Redis: keeps start-up lean
+    from seekserve.gateway.ratelimit_redis import RedisRateLimiter  # only with Redis: keeps start-up lean
 
     return RedisRateLimiter(settings.redis_url.get_secret_value(), failure_mode=settings.rate_limit_failure_mode,
                             registry=registry)
@@ -146,13 +108,15 @@ def build_sync(settings: Settings, db: Database, registry: CollectorRegistry
     s = settings.sync
     if s is None:
         return None
-    from seekserve.gateway.sync import EventPublisher, OutboxRelay, SyncConfig   # only with Kafka configured
+    from seekserve.gateway.sync import EventPublisher, OutboxRelay, SyncConfig  # only with Kafka configured
 
     config = SyncConfig(bootstrap_servers=s.bootstrap_servers, site=settings.site, usage_topic=s.usage_topic,
                         audit_topic=s.audit_topic, security_protocol=s.security_protocol,
                         sasl_mechanism=s.sasl_mechanism, sasl_username=s.sasl_username,
                         sasl_password_env=s.sasl_password_env, ssl_cafile=s.ssl_cafile,
-                        enable_idempotence=s.enable_idempotence)
+                        enable_idempotence=s.enable_idempotence, batch_size=s.batch_size,
+                        poll_interval=s.poll_interval, max_backoff=s.max_backoff, send_timeout=s.send_timeout,
+                        retain_delivered=s.retain_delivered)
     outbox = Outbox(db)
     relay = OutboxRelay(config, outbox, registry)
     return relay, EventPublisher(outbox, config, notify=relay.notify)

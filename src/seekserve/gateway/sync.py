@@ -10,8 +10,10 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -63,6 +65,7 @@ class SyncConfig:
     create_topics: bool = True            # create the two topics on connect (existing ones are kept)
     topic_partitions: int = 3
     topic_replication_factor: int = 1
+    retain_delivered: float = 86400.0     # seconds a delivered outbox row is kept before it is deleted
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip() or not self.site.strip():
@@ -175,6 +178,7 @@ class OutboxRelay:
         self._broker_up: bool | None = None  # None until the first contact
         self._store_failing = False
         self._partitioner = DefaultPartitioner()
+        self._next_purge = 0.0              # monotonic time of the next sweep of delivered rows
 
     @property
     def is_broker_up(self) -> bool:
@@ -207,7 +211,9 @@ class OutboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._close_producer()
+        # a round still running after `timeout` is stuck on an unreachable broker; a full close would flush
+        # until its batch expires (send_timeout, 30 s by default): bound it, the unsent rows stay pending
+        await self._close_producer(None if done else 1.0)
         try:
             num_left = await asyncio.to_thread(self._outbox.count_pending)
         except STORE_ERRORS as err:  # shutting down anyway: say so, do not fail the shutdown
@@ -249,14 +255,30 @@ class OutboxRelay:
 
     async def _deliver_round(self) -> bool:
         """Send one batch of pending events; True when more may be waiting."""
-        producer = await self._connect()
-        items = await asyncio.to_thread(self._outbox.pending, self._config.batch_size)
-        try:
+        items: list[OutboxItem] = []
+        try:   # the pending gauge is refreshed even when connecting fails (during an outage it grows)
+            producer = await self._connect()
+            items = await asyncio.to_thread(self._outbox.pending, self._config.batch_size)
             for topic in dict.fromkeys(item.topic for item in items):
                 await self._send_topic(producer, topic, [item for item in items if item.topic == topic])
         finally:
             self.metrics.pending.set(await asyncio.to_thread(self._outbox.count_pending))
-        return len(items) >= self._config.batch_size
+        more = len(items) >= self._config.batch_size
+        if not more:
+            await self._purge_delivered()
+        return more
+
+    async def _purge_delivered(self) -> None:
+        """Delivered rows are kept `retain_delivered` seconds (for inspection), then deleted, hourly."""
+        now = time.monotonic()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + 3600.0
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self._config.retain_delivered)
+        removed = await asyncio.to_thread(self._outbox.purge_delivered, cutoff)
+        if removed:
+            log.info("removed %d delivered events older than %.0f h from the outbox", removed,
+                     self._config.retain_delivered / 3600)
 
     async def _send_topic(self, producer: AIOKafkaProducer, topic: str, items: list[OutboxItem]) -> None:
         # key = site: all of a site's events land in one partition, so Kafka keeps their order
@@ -284,7 +306,11 @@ class OutboxRelay:
             future = await producer.send_batch(batch, topic, partition=partition)
             # aiokafka fails the batch itself after send_timeout (its request timeout); this longer bound is
             # a safety net. asyncio.wait, not wait_for: cancelling the future would not stop the send.
-            done, _ = await asyncio.wait({future}, timeout=self._config.send_timeout + 2.0)
+            try:
+                done, _ = await asyncio.wait({future}, timeout=self._config.send_timeout + 2.0)
+            except asyncio.CancelledError:           # the relay is stopping: the send's outcome is moot
+                future.add_done_callback(_discard_outcome)
+                raise
             if not done:
                 future.add_done_callback(_discard_outcome)  # whatever it becomes, it is handled here
                 raise KafkaTimeoutError(f"no acknowledgement from Kafka within {self._config.send_timeout}s")
@@ -331,14 +357,14 @@ class OutboxRelay:
                 log.warning("could not create Kafka topic %s (error %d: %s); sending anyway",
                             topic, code, message)
 
-    async def _close_producer(self) -> None:
+    async def _close_producer(self, timeout: float | None = None) -> None:
         producer, self._producer = self._producer, None
         if producer is None:
             return
         try:
             # stop() flushes; with the broker gone that lasts until the batch expires (request timeout =
-            # send_timeout), so this bound is only a safety net
-            await asyncio.wait_for(producer.stop(), self._config.send_timeout + 5)
+            # send_timeout), so the default bound is only a safety net
+            await asyncio.wait_for(producer.stop(), timeout or self._config.send_timeout + 5)
         except BROKER_ERRORS as err:
             log.debug("closing the Kafka producer failed: %s", type(err).__name__)
 
