@@ -61,7 +61,8 @@ class AppContext:
         raise APIError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
+    # async: FastAPI runs a sync dependency in its thread pool, a hop per request for a field read
     return request.app.state.context
 
 

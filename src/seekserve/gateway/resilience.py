@@ -155,12 +155,14 @@ async def aclose_stream(stream: AsyncIterator[Chunk]) -> None:
         await aclose()
 
 
-async def open_stream(backend: Backend, request: GenerationRequest,
-                      timeout: float | None) -> tuple[AsyncIterator[Chunk], Chunk | None]:
+async def open_stream(backend: Backend, request: GenerationRequest, timeout: float | None,
+                      peek: bool = True) -> tuple[AsyncIterator[Chunk], Chunk | None]:
     """Start the request and wait for its first chunk (None: the stream ended empty), all within
     `timeout` seconds (None: no limit). Until this returns nothing has reached the client, so a failure may be retried."""
     async with asyncio.timeout(timeout):
         stream = await backend.start(request)
+        if not peek:
+            return stream, None
         try:
             return stream, await anext(stream)
         except StopAsyncIteration:

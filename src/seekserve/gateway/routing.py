@@ -44,7 +44,9 @@ class BackendEntry:
     remote: bool                                   # data leaves our domain: never for sensitive requests
     queue_depth: Callable[[], int] | None = None   # local engines: requests waiting, for overflow rules
     # an in-process engine queues requests on purpose (a batch-tier request may wait minutes for a slot):
-    # first_chunk_timeout is a stall detector for HTTP upstreams only
+    # first_chunk_timeout is a stall detector for HTTP upstreams only. Nor is its first chunk awaited before
+    # committing: its start() already refuses what it cannot serve, and a streamed response must begin
+    # (headers, then SSE keep-alives) while the request waits in the queue
     in_process: bool = False
 
 
@@ -266,7 +268,8 @@ class Router:
                 return error or _SKIPPED
             try:
                 opened = await open_stream(entry.backend, request,
-                                           None if entry.in_process else self.retry.first_chunk_timeout)
+                                           None if entry.in_process else self.retry.first_chunk_timeout,
+                                           peek=not entry.in_process)
             except Exception as e:
                 if not is_backend_fault(e):
                     breaker.release()

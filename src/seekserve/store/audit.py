@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, String, select, type_coerce
+from sqlalchemy import Row, String, insert, select, type_coerce
 from sqlalchemy.orm import Session
 
 from seekserve.store.db import Database
@@ -146,24 +146,26 @@ class AuditLog:
             ids = [event.event_id for event in pending]
             done = {row.event_id: _record(row)
                     for row in session.scalars(select(AuditRow).where(AuditRow.event_id.in_(ids)))}
-            chained = []
+            new: list[AuditRecord] = []
             for event in pending:
                 if event.event_id not in done:  # a stored event_id is a retry: answer with what is stored
-                    done[event.event_id] = self._chain_one(session, event, prev_hash)
-                    prev_hash = done[event.event_id].hash
-                chained.append(done[event.event_id])
-            return chained
+                    record = self._chained(event, prev_hash)
+                    done[event.event_id], prev_hash = record, record.hash
+                    new.append(record)
+            if new:
+                # one multi-row INSERT; sort_by_parameter_order makes SQLAlchemy assign seq in list (= chain)
+                # order on every dialect (PostgreSQL: INSERT .. SELECT .. ORDER BY), and return them in that order
+                rows = [{k: v for k, v in asdict(r).items() if k != "seq"} for r in new]
+                statement = insert(AuditRow).returning(AuditRow.seq, sort_by_parameter_order=True)
+                for record, seq in zip(new, session.scalars(statement, rows).all()):
+                    done[record.event_id] = replace(record, seq=seq)
+            return [done[event.event_id] for event in pending]
 
-    def _chain_one(self, session: Session, event: _Event, prev_hash: str) -> AuditRecord:
+    def _chained(self, event: _Event, prev_hash: str) -> AuditRecord:
         record = AuditRecord(event_id=event.event_id, site=self.site, ts=event.ts, actor=event.actor,
                              tenant=event.tenant, action=event.action, target=event.target,
                              status=event.status, detail=event.detail, prev_hash=prev_hash, hash="")
-        record = replace(record, hash=record.expected_hash())
-        # one INSERT per record (not a multi-row INSERT) so seq order is guaranteed to be chain order
-        row = AuditRow(**{k: v for k, v in asdict(record).items() if k != "seq"})
-        session.add(row)
-        session.flush()
-        return replace(record, seq=row.seq)
+        return replace(record, hash=record.expected_hash())
 
     @staticmethod
     def _last_hash(session: Session, site: str) -> str:
