@@ -54,7 +54,8 @@ def accuracy(clf: SensitivityClassifier, items: list[dict], show_text: bool) -> 
     precision = tp / (tp + fp) if tp + fp else 1.0
     per_kind = {k: round(caught[k] / labelled[k], 4) for k in sorted(labelled)}
     return {"items": len(items), "positives": tp + fn, "tp": tp, "fp": fp, "fn": fn, "recall": recall,
-            "precision": precision, "per_kind_recall": per_kind, "per_kind_items": dict(sorted(labelled.items()))}
+            "precision": precision, "per_kind_recall": per_kind,
+            "per_kind_items": dict(sorted(labelled.items()))}
 
 
 def make_prompts(items: list[dict], size: int, count: int, seed: int) -> list[str]:
@@ -71,9 +72,9 @@ def make_prompts(items: list[dict], size: int, count: int, seed: int) -> list[st
     return prompts
 
 
-def latency(clf: SensitivityClassifier, prompts: list[str], runs: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU milliseconds of each classify() call. On a shared machine the wall time also holds
-    the time spent waiting for a core; the CPU time shows what the call itself costs."""
+def latency(clf: SensitivityClassifier, prompts: list[str], runs: int) -> dict:
+    """Median/p99/max wall milliseconds of classify() per prompt, and the median CPU milliseconds: on a
+    shared machine the wall time also holds time spent waiting for a core."""
     for p in prompts:   # warm-up: regex caches, the NFKC table
         clf.classify([p], tenant="benchmark")
     wall, cpu = [], []
@@ -83,17 +84,39 @@ def latency(clf: SensitivityClassifier, prompts: list[str], runs: int) -> tuple[
         clf.classify([p], tenant="benchmark")
         cpu.append((time.process_time() - c0) * 1e3)
         wall.append((time.perf_counter() - t0) * 1e3)
-    return wall, cpu
+    return {"median": statistics.median(wall), "p99": statistics.quantiles(wall, n=100)[98], "max": max(wall),
+            "cpu_median": statistics.median(cpu), "runs": runs,
+            "mean_chars": statistics.mean(len(p) for p in prompts),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
+
+
+def print_accuracy(acc: dict) -> None:
+    if acc["fp"] + acc["fn"] == 0:
+        print("  none")
+    print("per-kind recall:")
+    for kind, r in acc["per_kind_recall"].items():
+        print(f"  {kind:<10} {r:7.2%}  ({acc['per_kind_items'][kind]} items)")
+    print(f"recall     {acc['recall']:7.2%}  (target >= {TARGET_RECALL:.0%}; {acc['fn']} missed)")
+    print(f"precision  {acc['precision']:7.2%}  (target >= {TARGET_PRECISION:.0%}; {acc['fp']} false alarms)")
+
+
+def print_latency(lat: dict, prompt_bytes: int) -> None:
+    verdict = "MEETS" if lat["median"] <= TARGET_MEDIAN_MS else "BELOW"
+    print(f"latency    median {lat['median']:.3f} ms, p99 {lat['p99']:.3f} ms, max {lat['max']:.3f} ms per "
+          f"{prompt_bytes}-byte prompt (~{lat['mean_chars']:.0f} chars), {lat['runs']} runs -> "
+          f"{verdict} target (median <= {TARGET_MEDIAN_MS} ms)")
+    print(f"           CPU time median {lat['cpu_median']:.3f} ms; load average {lat['load_average']:.2f} "
+          f"on {os.cpu_count()} cores (a busy machine inflates wall times)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=ROOT / "tests" / "data" / "sensitivity_corpus.jsonl")
-    ap.add_argument("--runs", type=int, default=2000, help="timed classify() calls (>= 1000 for a stable p99)")
+    ap.add_argument("--runs", type=int, default=2000, help="timed calls (>= 1000 for a stable p99)")
     ap.add_argument("--prompt-bytes", type=int, default=4096)
     ap.add_argument("--prompts", type=int, default=100, help="distinct prompts the timed runs cycle through")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--show-text", action="store_true", help="print the text of misclassified items (fake data)")
+    ap.add_argument("--show-text", action="store_true", help="also print misclassified items' (fake) text")
     a = ap.parse_args(argv)
 
     clf = SensitivityClassifier()
@@ -103,34 +126,18 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(i['pii'] for i in items)} with PII; {dict(langs)})")
     print("misclassified items (index in the corpus):")
     acc = accuracy(clf, items, a.show_text)
-    if acc["fp"] + acc["fn"] == 0:
-        print("  none")
-    print("per-kind recall:")
-    for kind, r in acc["per_kind_recall"].items():
-        print(f"  {kind:<10} {r:7.2%}  ({acc['per_kind_items'][kind]} items)")
+    print_accuracy(acc)
     ok = acc["recall"] >= TARGET_RECALL and acc["precision"] >= TARGET_PRECISION
-    print(f"recall     {acc['recall']:7.2%}  (target >= {TARGET_RECALL:.0%}; {acc['fn']} missed)")
-    print(f"precision  {acc['precision']:7.2%}  (target >= {TARGET_PRECISION:.0%}; {acc['fp']} false alarms)")
-
-    prompts = make_prompts(items, a.prompt_bytes, a.prompts, a.seed)
-    times, cpu = latency(clf, prompts, a.runs)
-    med, p99 = statistics.median(times), statistics.quantiles(times, n=100)[98]
-    cpu_med = statistics.median(cpu)
-    chars = statistics.mean(len(p) for p in prompts)
-    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"latency    median {med:.3f} ms, p99 {p99:.3f} ms, max {max(times):.3f} ms per "
-          f"{a.prompt_bytes}-byte prompt (~{chars:.0f} chars), {a.runs} runs -> "
-          f"{'MEETS' if med <= TARGET_MEDIAN_MS else 'BELOW'} target (median <= {TARGET_MEDIAN_MS} ms)")
-    print(f"           CPU time median {cpu_med:.3f} ms; load average {load_avg:.2f} on {os.cpu_count()} cores "
-          "(a busy machine inflates wall times)")
+    lat = latency(clf, make_prompts(items, a.prompt_bytes, a.prompts, a.seed), a.runs)
+    print_latency(lat, a.prompt_bytes)
     print("ACCURACY OK" if ok else "ACCURACY BELOW TARGET")
-    summary = {"corpus": a.corpus.name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()},
-               "latency_ms": {"median": round(med, 4), "p99": round(p99, 4), "max": round(max(times), 4),
-                              "cpu_median": round(cpu_med, 4), "runs": a.runs, "prompt_bytes": a.prompt_bytes,
-                              "mean_chars": round(chars), "load_average": round(load_avg, 2)},
-               "targets": {"recall": TARGET_RECALL, "precision": TARGET_PRECISION, "median_ms": TARGET_MEDIAN_MS},
-               "ok": ok}
-    print(json.dumps(summary))
+    lat_ms = {k: round(v, 4) for k, v in lat.items()} | {"prompt_bytes": a.prompt_bytes}
+    print(json.dumps({"corpus": a.corpus.name,
+                      **{k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()},
+                      "latency_ms": lat_ms,
+                      "targets": {"recall": TARGET_RECALL, "precision": TARGET_PRECISION,
+                                  "median_ms": TARGET_MEDIAN_MS},
+                      "ok": ok}))
     return 0 if ok else 1
 
 

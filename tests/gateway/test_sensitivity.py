@@ -43,7 +43,7 @@ def kinds(text: str) -> set[str]:
 
 def id_checksum(first17: str) -> str:
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-    return "10X98765432"[sum(int(d) * w for d, w in zip(first17, weights)) % 11]
+    return "10X98765432"[sum(int(d) * w for d, w in zip(first17, weights, strict=True)) % 11]
 
 
 def test_reference_values_are_well_formed() -> None:
@@ -149,6 +149,8 @@ def test_bank_card_rejected(text: str) -> None:
     ("write to zhang(at)example.com", "zhang(at)example.com"),
     ("zhang AT example.com", "zhang AT example.com"),
     ("zhang at example dot com", "zhang at example dot com"),
+    ("邮箱张三@example.cn", "邮箱张三@example.cn"),          # a non-ASCII local part takes the whole word
+    ("邮箱zhangsan@example.cn", "zhangsan@example.cn"),
 ])
 def test_email_found(text: str, found: str) -> None:
     assert spans(text) == [("email", found)]
@@ -177,7 +179,8 @@ def test_ip_found(text: str, found: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "v1.2.3.4", "version 1.2.3.4", "版本 2.4.1.0", "1.2.3.4.5", "nginx/1.2.3.4", "256.1.1.1", "127.0.0.1:8000",
+    "v1.2.3.4", "version 1.2.3.4", "版本 2.4.1.0", "1.2.3.4.5", "nginx/1.2.3.4", "256.1.1.1",
+    "127.0.0.1:8000",
     "0.0.0.0", "mask 255.255.255.0", "169.254.169.254", "224.0.0.1", "::1", "std::vector<int>", "a[::2]",
     "10:23:45", "00:1A:2B:3C:4D:5E", "第 3.2.1.4 条", "fe80::1%eth0",
 ])
@@ -240,7 +243,8 @@ def test_clean_request_is_public() -> None:
 
 
 def test_tenant_policy_sets_a_minimum() -> None:
-    clf = SensitivityClassifier(SensitivityPolicy(tenant_levels={"finance": "confidential", "ops": Level.internal}))
+    policy = SensitivityPolicy(tenant_levels={"finance": "confidential", "ops": Level.internal})
+    clf = SensitivityClassifier(policy)
     assert clf.classify(["hello"], "finance").reasons == ("tenant:finance",)
     assert clf.classify(["hello"], "finance").sensitive
     assert clf.classify(["hello"], "ops").level is Level.internal
@@ -276,14 +280,15 @@ def test_keywords_chinese_and_english_case_insensitive() -> None:
     assert spans("这是绝密机密文件", policy) == [("keyword", "机密")]
     assert spans("pan 4 is hot", policy) == [("keyword", "pan")]
     assert spans("company expansion", policy) == []            # English keywords match whole words
-    assert spans("ＰＲＯＪＥＣＴ phoenix", policy) == [("keyword", "ＰＲＯＪＥＣＴ phoenix")]   # full-width letters
+    wide = "ＰＲＯＪＥＣＴ phoenix"   # full-width letters
+    assert spans(wide, policy) == [("keyword", wide)]
     result = SensitivityClassifier(policy).classify(["机密"], "acme")
     assert result.sensitive and result.reasons == ("keyword",)
 
 
 def test_custom_pattern_and_levels() -> None:
-    policy = SensitivityPolicy(patterns={"employee_id": r"EMP-\d{6}", "empty": r"x*"}, keyword_level=Level.internal,
-                               pii_level=Level.internal)
+    policy = SensitivityPolicy(patterns={"employee_id": r"EMP-\d{6}", "empty": r"x*"},
+                               keyword_level=Level.internal, pii_level=Level.internal)
     result = SensitivityClassifier(policy).classify(["ticket by EMP-004211"], "acme")
     assert [(f.kind, f.start, f.end) for f in result.findings] == [("pattern:employee_id", 10, 20)]
     assert (result.level, result.reasons) == (Level.internal, ("pattern:employee_id",))
@@ -321,7 +326,7 @@ def test_corpus_recall_and_precision() -> None:
     assert {k for i in positives for k in i["kinds"]} == ALL_DETECTORS
     assert {i["lang"] for i in items} == {"zh", "en", "mixed"}
     predicted = [CLF.classify([i["text"]], "acme").sensitive for i in items]
-    tp = sum(p and i["pii"] for p, i in zip(predicted, items))
+    tp = sum(p and i["pii"] for p, i in zip(predicted, items, strict=True))
     recall, precision = tp / len(positives), tp / max(1, sum(predicted))
     assert recall >= 0.99 and precision >= 0.95, (recall, precision)
 

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date
 from functools import cached_property
+from unicodedata import combining
 
 Span = tuple[int, int]
 
@@ -17,11 +18,15 @@ DIGITS = frozenset("0123456789")
 _ALNUM = DIGITS | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
 _EMAIL_LOCAL = _ALNUM | frozenset("._%+-")
+# digit character → its value, and → the digit sum of twice its value (Luhn); dict lookups through map()
+# cost a fraction of int() per character
+_VALUE = {str(d): d for d in range(10)}
+_DOUBLED = {str(d): 2 * d - 9 if d > 4 else 2 * d for d in range(10)}
 # ASCII only (NFKC has folded full-width digits). A run of 1-4 digits only starts a candidate as the
 # first group of several ("+86 138…", "6222 0212 …") or the first octet of "a.b.c.d"; skipping the rest
-# (years, counts, prices) halves the runs of a typical prompt. Possessive: a short run is never re-tried
-# shorter (3x faster).
-_DIGIT_RUN = re.compile(r"[0-9]++(?:(?<=[0-9]{5})|(?=[ -][0-9]|\.[0-9]{1,3}\.[0-9]))")
+# (years, counts, prices) halves the runs of a typical prompt. Possessive, so a short run is never
+# re-tried shorter; a plain [0-9] first, so the regex engine skips non-digits without entering the matcher.
+_DIGIT_RUN = re.compile(r"[0-9][0-9]*+(?:(?<=[0-9]{5})|(?=[ -][0-9]|\.[0-9]{1,3}\.[0-9]))")
 
 
 class Scan:
@@ -64,7 +69,7 @@ def _isolated(text: str, start: int, end: int, sep: str = "") -> bool:
 
 
 def _glued(text: str, start: int, end: int) -> bool:
-    """Digits glued to a letter are part of an identifier ("SF1234…", a hex hash), not a number of their own."""
+    """Digits glued to a letter belong to an identifier ("SF1234…", a hex hash), not a number of their own."""
     return (start > 0 and (text[start - 1] in _ALNUM or text[start - 1] == "_")) \
         or (end < len(text) and (text[end] in _ALNUM or text[end] == "_"))
 
@@ -73,21 +78,21 @@ def _glued(text: str, start: int, end: int) -> bool:
 # _CONTEXT_WINDOW characters) wins; none at all counts as PII, because a miss leaks data.
 _CONTEXT_WINDOW = 32
 _NUMBER = re.compile(r"[0-9]{4}")
-_CARD_WORDS = ("卡号", "银行卡", "信用卡", "借记卡", "储蓄卡", "银联", "账号", "帐号", "账户", "帐户", "card", "cards",
-               "account", "acct", "visa", "mastercard", "unionpay", "amex", "pan")
+_CARD_WORDS = ("卡号", "银行卡", "信用卡", "借记卡", "储蓄卡", "银联", "账号", "帐号", "账户", "帐户",
+               "card", "cards", "account", "acct", "visa", "mastercard", "unionpay", "amex", "pan")
 _ID_WORDS = ("身份证", "居民身份", "id card", "id-card", "idcard", "id number", "identity", "resident id")
-_ORDER_WORDS = ("订单", "单号", "运单", "快递", "物流", "发票", "流水号", "交易号", "工单", "批次", "序列号", "条码", "编号",
-                "order", "orders", "tracking", "invoice", "shipment", "waybill", "parcel", "sku", "isbn", "barcode",
-                "ref", "reference", "serial", "txn", "batch", "ticket")
+_ORDER_WORDS = ("订单", "单号", "运单", "快递", "物流", "发票", "流水号", "交易号", "工单", "批次", "序列号",
+                "条码", "编号", "order", "orders", "tracking", "invoice", "shipment", "waybill", "parcel",
+                "sku", "isbn", "barcode", "ref", "reference", "serial", "txn", "batch", "ticket")
 # "<noun> id/no/number" labels an identifier, not a card: "request id", "trace_id", "customer no"
-_ID_NOUNS = ("transaction", "request", "trace", "span", "session", "message", "msg", "user", "customer", "device",
-             "task", "job", "event")
+_ID_NOUNS = ("transaction", "request", "trace", "span", "session", "message", "msg", "user", "customer",
+             "device", "task", "job", "event")
 _ID_LABELS = tuple(f"{noun}{sep}{label}" for noun in _ID_NOUNS for sep in ("", " ", "_", "-")
                    for label in ("id", "no", "number"))
 _VERSION_WORDS = ("版本", "固件", "升级", "章节", "§", "version", "release", "build", "firmware", "upgrade",
                   "section", "chapter", "clause", "article")
-_HOST_WORDS = ("地址", "服务器", "主机", "网关", "代理", "网段", "ip", "ips", "host", "server", "addr", "address",
-               "gateway", "proxy", "dns", "subnet")
+_HOST_WORDS = ("地址", "服务器", "主机", "网关", "代理", "网段", "ip", "ips", "host", "server", "addr",
+               "address", "gateway", "proxy", "dns", "subnet")
 _ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -122,7 +127,7 @@ class _Context:
     """Words that say a number near them is PII, or is something else (an order, a version)."""
 
     def __init__(self, pii: tuple[str, ...], other: tuple[str, ...], gate: bool = False) -> None:
-        self.is_other = {w: False for w in pii} | {w: True for w in other}
+        self.is_other = dict.fromkeys(pii, False) | dict.fromkeys(other, True)
         # with few "other" words, testing each as a substring first is cheaper than the regex; without
         # one in the window, PII words cannot change the answer
         self.gate = other if gate else ()
@@ -175,7 +180,7 @@ def is_cn_id(value: str) -> bool:
         return value.isdigit() and _valid_birth("19" + value[6:12])
     if len(value) != 18 or not value[:17].isdigit():
         return False
-    total = sum(map(operator.mul, map(int, value[:17]), _ID_WEIGHTS))
+    total = sum(map(operator.mul, map(_VALUE.__getitem__, value[:17]), _ID_WEIGHTS))
     return _ID_CHECK[total % 11] == value[17].upper() and _valid_birth(value[6:14])
 
 
@@ -222,11 +227,8 @@ _CARD_GROUPED = re.compile(r"[0-9]{4}(?P<sep>[ -])(?:[0-9]{4}(?P=sep)[0-9]{4}(?P
                            r"(?:(?P=sep)[0-9]{1,3})?|[0-9]{6}(?P=sep)[0-9]{5})")
 
 
-_LUHN_DOUBLED = str.maketrans("0123456789", "0246813579")   # d → digit sum of 2d
-
-
 def luhn_ok(digits: str) -> bool:
-    total = sum(map(int, digits[-1::-2])) + sum(map(int, digits[-2::-2].translate(_LUHN_DOUBLED)))
+    total = sum(map(_VALUE.__getitem__, digits[-1::-2])) + sum(map(_DOUBLED.__getitem__, digits[-2::-2]))
     return total % 10 == 0
 
 
@@ -265,7 +267,9 @@ def find_bank_cards(scan: Scan) -> Iterator[Span]:
             if m is None or not _isolated(text, start, m.end(), m.group("sep")):
                 continue
             stop, digits = m.end(), m.group().replace(m.group("sep"), "")
-        if not _glued(text, start, stop) and is_bank_card(digits) and not _CARD_CONTEXT.says_other(text, start):
+        if _glued(text, start, stop) or not is_bank_card(digits):
+            continue
+        if not _CARD_CONTEXT.says_other(text, start):   # last: the costliest test
             yield start, stop
 
 
@@ -290,7 +294,8 @@ def find_passports(scan: Scan) -> Iterator[Span]:
     for start, end in scan.runs_of((7, 8)):
         if end - start == 8 and start >= 1 and text[start - 1] in "EG":
             s = start - 1
-        elif end - start == 7 and start >= 2 and text[start - 2] == "E" and text[start - 1] in _PASSPORT_SERIES:
+        elif end - start == 7 and start >= 2 and text[start - 2] == "E" \
+                and text[start - 1] in _PASSPORT_SERIES:
             s = start - 2
         else:
             continue
@@ -320,12 +325,16 @@ _SPELLED_HINTS = ("[at]", "(at)", "{at}", "<at>", "[ at ]", "( at )", " dot ", "
 
 
 def _local_start(text: str, end: int) -> int:
-    """Start of the e-mail local part ending at `end` (== end when there is none)."""
+    """Start of the e-mail local part ending at `end` (== end when there is none). ASCII first, so
+    "邮箱zhangsan@…" starts at "z"; else any letters and marks, for "张三@…" and a decomposed "á@…"."""
     start = end
     while start > 0 and end - start < 64 and text[start - 1] in _EMAIL_LOCAL:
         start -= 1
     while start < end and text[start] in ".-":   # a local part starts with a letter or digit
         start += 1
+    if start == end:
+        while start > 0 and end - start < 64 and (text[start - 1].isalnum() or combining(text[start - 1])):
+            start -= 1
     return start
 
 
@@ -415,9 +424,12 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
     candidate = text[start:end]
     groups = [g for g in candidate.split(":") if g]
     # "a::b" and "x[::2]" parse as IPv6 but are code; real addresses carry more than two short groups
-    if len(candidate) > _V6_MAX_LEN or candidate.count(":") < 2 \
+    colons = candidate.count(":")
+    if len(candidate) > _V6_MAX_LEN or colons < 2 \
             or (len(groups) < 3 and max(map(len, groups), default=0) < 3):
         return None
+    if "::" not in candidate and colons != (6 if "." in candidate else 7):
+        return None   # "14:22:09": without "::" an address spells out all eight groups
     if (start > 0 and (text[start - 1] in _ALNUM or text[start - 1] == "_")) \
             or (end < len(text) and (text[end] in _ALNUM or text[end] == "_")):
         return None
@@ -431,7 +443,8 @@ def _ipv6_in(text: str, start: int, end: int) -> Span | None:
 def find_ips(scan: Scan) -> Iterator[Span]:
     text = scan.text
     for start, end in scan.runs_of((1, 2, 3)):
-        if text.startswith(".", end):   # else the first group of "138 1234 5678"
+        # not the first group of "138 1234 5678", nor the inner octet of an address or a dotted run
+        if text.startswith(".", end) and text[start - 1:start] != ".":
             stop = _ipv4_at(text, start)
             if stop != -1:
                 yield start, stop
@@ -443,7 +456,8 @@ def find_ips(scan: Scan) -> Iterator[Span]:
             start = colon
             while start > 0 and colon - start <= _V6_MAX_LEN and text[start - 1] in _V6_CHARS:
                 start -= 1
-            token_end = _V6_TOKEN.match(text, colon).end()
+            token = _V6_TOKEN.match(text, colon)   # always matches: "*"
+            token_end = token.end() if token else colon + 1
             span = _ipv6_in(text, start, token_end)
             if span is not None:
                 yield span

@@ -8,7 +8,7 @@ import functools
 import re
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -42,7 +42,7 @@ def _level(value: Level | str | int) -> Level:
 
 @dataclass(frozen=True)
 class Finding:
-    """Where something sensitive was found. Never the text itself, so findings can be logged and audited."""
+    """Where something sensitive was found; never the text itself, so findings can be logged and audited."""
     kind: str    # cn_id, cn_mobile, bank_card, email, ip, passport, keyword, pattern:<name>
     start: int   # offsets into the original (un-normalised) text texts[part]
     end: int
@@ -105,20 +105,14 @@ class SensitivityPolicy:
 
 
 # --- NFKC with offsets ----------------------------------------------------------------------------
-# Blocks NFKC never changes that make up most real text (ASCII, CJK ideographs, Hangul, common CJK and
-# typographic punctuation): only characters outside them go through the per-character table, which
-# keeps a 4 KB Chinese prompt at tens of microseconds instead of hundreds with str.translate.
-_STABLE_BLOCKS = ((0x00, 0x7F), (0xB7, 0xB7), (0x2013, 0x2014), (0x2018, 0x2019), (0x201C, 0x201D),
-                  (0x3001, 0x3003), (0x3008, 0x3011), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3))
-
-
-_COMMON_FULLWIDTH = tuple((ch, unicodedata.normalize("NFKC", ch)) for ch in "，：；（）！？　")
+_FULLWIDTH = re.compile("[\uff01-\uff5e\u3000]")   # full-width ASCII forms, ideographic space: NFKC → ASCII
 
 
 @functools.cache
 def _nfkc_tables() -> tuple[dict[int, str], re.Pattern[str]]:
-    """(code point → NFKC form for the ~4,900 code points NFKC changes, regex of runs outside the stable
-    blocks). Built once (~0.2 s); only code points with a decomposition can change."""
+    """(code point → NFKC form for the ~4,900 code points NFKC changes, a regex matching any of them).
+    Built once (~0.2 s); only code points with a decomposition can change. The regex is one character
+    class of the BMP ones (tested through a bitmap) plus every astral code point (rare; the table decides)."""
     table = {}
     for cp in range(0x110000):
         ch = chr(cp)
@@ -126,10 +120,14 @@ def _nfkc_tables() -> tuple[dict[int, str], re.Pattern[str]]:
             norm = unicodedata.normalize("NFKC", ch)
             if norm != ch:
                 table[cp] = norm
-    # checked, not assumed: a "stable" block holding a changing code point would hide it from detectors
-    stable = [(a, b) for a, b in _STABLE_BLOCKS if not any(cp in table for cp in range(a, b + 1))]
-    ranges = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in stable)
-    return table, re.compile(f"([^{ranges}]+)")   # a group, so re.split keeps the runs
+    ranges: list[list[int]] = []
+    for cp in sorted(c for c in table if c < 0x10000):
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    cls = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+    return table, re.compile(f"[{cls}\U00010000-\U0010ffff]")
 
 
 class _Offsets:
@@ -165,22 +163,27 @@ def normalize(text: str) -> tuple[str, _Offsets | None]:
     Returns the text and an offset map, or None when no character changed length."""
     if text.isascii() or unicodedata.is_normalized("NFKC", text):
         return text, None
-    # Chinese text is rarely normalised only because of full-width punctuation: replace that (1:1, so
-    # offsets hold) with C-speed str.replace, and skip the per-character pass if nothing else is left.
-    for wide, narrow in _COMMON_FULLWIDTH:
-        if wide in text:
-            text = text.replace(wide, narrow)
+    # Chinese text is mostly un-normalised only by full-width forms ("，", "１３８"): replace those found
+    # (1:1, so offsets hold) with str.replace, and skip the per-character pass if nothing else is left
+    # (it costs a Python step per character it changes)
+    for wide in set(_FULLWIDTH.findall(text)):
+        text = text.replace(wide, unicodedata.normalize("NFKC", wide))
     if unicodedata.is_normalized("NFKC", text):
         return text, None
-    table, maybe_unstable = _nfkc_tables()
-    parts = maybe_unstable.split(text)   # [stable, maybe-unstable, stable, …]: no per-match callback
-    parts[1::2] = [piece.translate(table) for piece in parts[1::2]]
-    out = "".join(parts)
-    if len(out) == len(text):
-        return out, None
-    growth = [(i, len(table[ord(ch)]) - 1) for m in maybe_unstable.finditer(text)
-              for i, ch in enumerate(m.group(), m.start()) if len(table.get(ord(ch), ch)) > 1]
-    return out, _Offsets(growth)
+    table, unstable = _nfkc_tables()
+    pieces: list[str] = []
+    growth: list[tuple[int, int]] = []   # (original index, characters added)
+    done = 0
+    for m in unstable.finditer(text):
+        i = m.start()
+        folded = table.get(ord(text[i]))
+        if folded is not None:   # None: an astral character NFKC keeps (most emoji)
+            pieces += (text[done:i], folded)
+            done = i + 1
+            if len(folded) > 1:
+                growth.append((i, len(folded) - 1))
+    pieces.append(text[done:])
+    return "".join(pieces), (_Offsets(growth) if growth else None)
 
 
 # --- keywords: one trie-shaped regex -------------------------------------------------------------------
@@ -228,7 +231,7 @@ def parse_header(value: str | None) -> Level | None:
 
 
 class SensitivityClassifier:
-    """Stateless after construction (compiled detectors, keywords, patterns): safe to share across requests."""
+    """Stateless after construction (compiled detectors, keywords, patterns): one serves all requests."""
 
     def __init__(self, policy: SensitivityPolicy | None = None) -> None:
         self.policy = policy or SensitivityPolicy()
@@ -253,26 +256,29 @@ class SensitivityClassifier:
         """Findings in one text, ordered by position; offsets refer to `text` as given."""
         normalized, offsets = normalize(text)
         scan = Scan(normalized)
-        spans: dict[tuple[str, Span], str] = {}   # (group, span) → kind; PII kinds share one group
+        rows: list[tuple[int, int, str]] = []
+        pii_spans: set[Span] = set()   # PII kinds share spans: the first detector listed keeps one
         for kind, find in self._detectors:
             for span in _outermost(find(scan)):
-                spans.setdefault(("pii", span), kind)
-        if self._keywords is not None and self._keywords_any_case is not None:
-            lower = normalized.lower()
-            same_length = len(lower) == len(normalized)   # else lower() moved offsets ("İ" → "i̇")
-            matches = self._keywords.finditer(lower) if same_length else self._keywords_any_case.finditer(normalized)
-            for m in matches:
-                spans.setdefault(("keyword", m.span()), "keyword")
+                if span not in pii_spans:
+                    pii_spans.add(span)
+                    rows.append((*span, kind))
+        rows += ((*m.span(), "keyword") for m in self._keyword_matches(normalized))
         for kind, pattern in self._patterns:
-            for m in pattern.finditer(normalized):
-                if m.end() > m.start():   # an empty match marks nothing
-                    spans.setdefault((kind, m.span()), kind)
-        found = []
-        for (_, span), kind in spans.items():
-            start, end = offsets.span(*span) if offsets else span
-            found.append(Finding(kind, start, end, part))
-        found.sort(key=lambda f: (f.start, f.end, f.kind))
-        return found
+            rows += ((*m.span(), kind) for m in pattern.finditer(normalized) if m.end() > m.start())
+        if offsets is not None:
+            rows = [(*offsets.span(start, end), kind) for start, end, kind in rows]
+        rows.sort()
+        return [Finding(kind, start, end, part) for start, end, kind in rows]
+
+    def _keyword_matches(self, normalized: str) -> Iterator[re.Match[str]]:
+        if self._keywords is None or self._keywords_any_case is None:
+            return iter(())
+        lower = normalized.lower()
+        if len(lower) == len(normalized):
+            return self._keywords.finditer(lower)
+        # lower() moved offsets ("İ" → "i̇"): match any case in the text itself
+        return self._keywords_any_case.finditer(normalized)
 
     def _decide(self, findings: tuple[Finding, ...], tenant: str, header: Level | None,
                 minimum: Level) -> Classification:
