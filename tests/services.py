@@ -148,3 +148,23 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 120.0) -> None:
+    """Wait until a `seekserve serve` subprocess answers /ready with 200; fail with its log if it exits or
+    takes longer than `timeout`."""
+    import httpx
+
+    def printed() -> str:
+        return log.read_text(errors="replace") if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the server exited early ({proc.returncode}):\n{printed()}"
+        assert time.monotonic() < deadline, f"the server was not ready within {timeout:.0f} s:\n{printed()}"
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)

@@ -17,6 +17,7 @@ import pytest
 
 from seekserve.gateway.principal import Limits, Role, Tier
 from tests.api.conftest import free_port, running_server
+from tests.services import wait_ready
 
 MODEL = "tiny-chat"
 
@@ -83,17 +84,8 @@ def two_servers(tmp_path: Path, redis_url: str) -> Iterator[tuple[list[str], str
     ports = [free_port(), free_port()]
     procs = [_serve(tmp_path, f"{redis_url.rsplit('/', 1)[0]}/3", p, tmp_path / f"s{p}.log") for p in ports]
     try:
-        deadline = time.monotonic() + 120
         for p, proc in zip(ports, procs):
-            while True:
-                assert proc.poll() is None, (tmp_path / f"s{p}.log").read_text()
-                try:
-                    if httpx.get(f"http://127.0.0.1:{p}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_ready(f"http://127.0.0.1:{p}", proc, tmp_path / f"s{p}.log")
         yield [f"http://127.0.0.1:{p}" for p in ports], made.stdout.strip()
     finally:
         for proc in procs:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.api.conftest import free_port
 from tests.backends.upstream import FakeUpstream
+from tests.services import wait_ready
 
 
 def test_no_secret_in_logs_or_error_bodies(tmp_path: Path) -> None:
@@ -54,16 +55,7 @@ def test_no_secret_in_logs_or_error_bodies(tmp_path: Path) -> None:
         bodies: list[str] = []
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_ready(base, proc, log)
             with httpx.Client(base_url=base, timeout=30) as c:
                 admin = {"Authorization": f"Bearer {static}"}
                 made = c.post("/admin/keys", headers=admin, json={"name": "dev", "role": "developer",

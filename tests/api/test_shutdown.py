@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from tests.api.conftest import free_port
+from tests.services import wait_ready
 
 MODEL = "tiny-chat"
 
@@ -46,16 +47,7 @@ def serve(model: Path, tmp_path: Path, *extra: str) -> Iterator[Server]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the server exited early ({proc.returncode}):\n{server.log}"
-            assert time.monotonic() < deadline, f"the server did not become ready:\n{server.log}"
-            try:
-                if httpx.get(f"{server.base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(server.base, proc, log)
         yield server
     finally:
         if proc.poll() is None:

@@ -27,6 +27,7 @@ from seekserve.store.audit import AuditLog
 from seekserve.store.db import Database
 from tests.api.conftest import free_port
 from tests.gateway.broker import TansuBroker
+from tests.services import wait_ready
 
 MODEL = "seekserve-tiny"
 SITE_A, SITE_B = "bank-a", "bank-b"
@@ -96,16 +97,7 @@ def serve(tmp_path: Path, config: Path, data_dir: Path, name: str) -> Iterator[S
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"seekserve exited early ({proc.returncode}):\n{server.log}"
-            assert time.monotonic() < deadline, f"seekserve was not ready within 60 s:\n{server.log}"
-            try:
-                if httpx.get(f"{server.base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(server.base, proc, log_path, timeout=60)
         yield server
     finally:
         if proc.poll() is None:
