@@ -123,7 +123,7 @@ def main() -> int:
     p.add_argument("--long-tokens", type=int, default=400, help="scenario 2: length of the running generations")
     p.add_argument("--repeat", type=int, default=2, help="runs per mode, alternating (default 2)")
     a = p.parse_args()
-    settings: dict[str, Any] = {"batch_size": a.batch_size, "dtype": "float32"}
+    settings: dict[str, Any] = {"batch_size": a.batch_size, "dtype": "auto" if a.model else "float32"}
     if a.model:
         settings["model_path"] = a.model
     runs: dict[str, list[dict[str, Any]]] = {"priority": [], "fcfs": []}

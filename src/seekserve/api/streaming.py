@@ -39,15 +39,11 @@ async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncIter
     task = asyncio.create_task(pump())
     try:
         while True:
-            if queue.empty():   # wait only when nothing is ready (asyncio.wait_for costs a task per call)
-                try:
-                    async with asyncio.timeout(interval):
-                        item = await queue.get()
-                except TimeoutError:
-                    yield None
-                    continue
-            else:
-                item = queue.get_nowait()
+            try:
+                item = await asyncio.wait_for(queue.get(), interval)
+            except TimeoutError:
+                yield None
+                continue
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
