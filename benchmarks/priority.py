@@ -122,8 +122,10 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-tokens", type=int, default=400, help="scenario 2: length of the running generations")
     p.add_argument("--repeat", type=int, default=2, help="runs per mode, alternating (default 2)")
+    p.add_argument("--dtype", default=None, help="default: float32 for the tiny model, the checkpoint's otherwise; "
+                                                 "greedy output survives a preemption exactly in float32 only")
     a = p.parse_args()
-    settings: dict[str, Any] = {"batch_size": a.batch_size, "dtype": "auto" if a.model else "float32"}
+    settings: dict[str, Any] = {"batch_size": a.batch_size, "dtype": a.dtype or ("auto" if a.model else "float32")}
     if a.model:
         settings["model_path"] = a.model
     runs: dict[str, list[dict[str, Any]]] = {"priority": [], "fcfs": []}
