@@ -90,20 +90,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from seekserve.config import ConfigFileError, load_settings
+    from seekserve.config import load_settings
     from seekserve.server import serve
 
     flags = {k: v for k, v in vars(a).items() if k not in ("command", "func", "config_file")}
-    try:
-        settings = load_settings(flags, a.config_file)
-    except ValidationError as e:
-        print(f"seekserve: invalid settings: {describe_validation_error(e)}", file=sys.stderr)
-        return 2
-    except ConfigFileError as e:
-        print(f"seekserve: invalid settings: {e}", file=sys.stderr)
-        return 2
+    settings = load_settings(flags, a.config_file)   # a bad setting: reported by main()
     logging.getLogger().setLevel(settings.log_level.upper())
     return serve(settings)
 
@@ -154,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"seekserve: invalid settings: {describe_validation_error(e)}", file=sys.stderr)
         return 2
-    except (KeyStoreError, StoreError, SetupError, ConfigFileError, ValueError) as e:
+    except ConfigFileError as e:
+        print(f"seekserve: invalid settings: {e}", file=sys.stderr)
+        return 2
+    except (KeyStoreError, StoreError, SetupError, ValueError) as e:
         print(f"seekserve: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

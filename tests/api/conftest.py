@@ -124,3 +124,14 @@ def scripted_reasoning_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.factory import make_scripted_checkpoint
 
     return make_scripted_checkpoint(tmp_path_factory.mktemp("r1s"), REASONING_SCRIPT, REASONING_TEMPLATE)
+
+
+def metric_value(metrics: str, name: str, **labels: str) -> float:
+    """The value of one series in a /metrics text; 0.0 when it is absent (a counter never incremented)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0

@@ -18,11 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from seekserve.backends.local import LocalBackend
 from seekserve.gateway.principal import Role, Tier
-from tests.api.conftest import running_server
+from tests.api.conftest import metric_value, running_server
 from tests.backends.upstream import Drop, FakeUpstream, Reply, Sleep, chat_chunk
 
 MODEL = "tiny-chat"
@@ -92,18 +91,9 @@ def fresh(chat_model: Path) -> Iterator[Hybrid]:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one series in a /metrics text; 0.0 when it is absent (a counter never incremented)."""
-    for family in text_string_to_metric_families(metrics):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return 0.0
-
-
 def cloud_attempts(metrics: str, outcome: str) -> float:
     """Attempts on the cloud backend under the cloud-first rule "public", by outcome."""
-    return sample(metrics, "seekserve:backend_requests_total", backend="cloud", rule="public",
+    return metric_value(metrics, "seekserve:backend_requests_total", backend="cloud", rule="public",
                   outcome=outcome)
 
 
@@ -202,13 +192,13 @@ def test_corpus_under_normal_operation(split: Hybrid) -> None:
     after = split.metrics()
 
     def delta(**labels: str) -> float:
-        return (sample(after, "seekserve:route_decisions_total", **labels)
-                - sample(before, "seekserve:route_decisions_total", **labels))
+        return (metric_value(after, "seekserve:route_decisions_total", **labels)
+                - metric_value(before, "seekserve:route_decisions_total", **labels))
 
     assert delta(rule="public", backend="cloud") == len(PUBLIC)
     assert delta(rule="sensitive-local", backend="local") == len(PII)
     assert delta(rule="public", backend="local") == delta(rule="sensitive-local", backend="cloud") == 0
-    assert sample(after, "seekserve:backend_requests_total", backend="cloud", rule="sensitive-local",
+    assert metric_value(after, "seekserve:backend_requests_total", backend="cloud", rule="sensitive-local",
                   outcome="ok") == 0
     assert 'seekserve:route_decisions_total{backend="local",rule="sensitive-local"}' in after
     assert_no_sensitive_usage_on_cloud(split)
@@ -275,9 +265,9 @@ def test_corpus_under_local_overload_then_local_failure(chat_model: Path) -> Non
         check_corpus_phase(h, outcomes, since, public_to="cloud")
         assert {o.route for o in outcomes} == {"sensitive-local", "public-overflow"}
         metrics = h.metrics()
-        assert sample(metrics, "seekserve:route_decisions_total", rule="public-overflow", backend="cloud") \
+        assert metric_value(metrics, "seekserve:route_decisions_total", rule="public-overflow", backend="cloud") \
             == len(PUBLIC)
-        assert sample(metrics, "seekserve:route_decisions_total", rule="sensitive-local", backend="local") \
+        assert metric_value(metrics, "seekserve:route_decisions_total", rule="sensitive-local", backend="local") \
             >= len(PII)
         wait_until(lambda: h.backend.num_active == 0, what="the cancelled hogs to be aborted")
 
@@ -288,7 +278,7 @@ def test_corpus_under_local_overload_then_local_failure(chat_model: Path) -> Non
         outcomes = run_corpus(h, headers={"Authorization": f"Bearer {corpus_key}"})
         check_corpus_phase(h, outcomes, since, public_to="cloud", local_up=False)
         metrics = h.metrics()
-        assert sample(metrics, "seekserve:route_decisions_total", rule="sensitive-local", backend="none") \
+        assert metric_value(metrics, "seekserve:route_decisions_total", rule="sensitive-local", backend="none") \
             == len(PII)
         assert_no_sensitive_usage_on_cloud(h)
 
@@ -302,7 +292,7 @@ def test_corpus_with_a_careless_rule_and_local_failure(chat_model: Path) -> None
         h.backend.async_engine.shutdown()
         since = len(h.upstream.requests)
         check_corpus_phase(h, run_corpus(h), since, public_to="cloud", local_up=False)
-        assert sample(h.metrics(), "seekserve:backend_requests_total", backend="cloud", rule="everything",
+        assert metric_value(h.metrics(), "seekserve:backend_requests_total", backend="cloud", rule="everything",
                       outcome="ok") == 2 * len(PUBLIC)
         assert_no_sensitive_usage_on_cloud(h)
 
@@ -345,11 +335,11 @@ def test_failing_upstream_is_retried_falls_back_and_its_breaker_opens_and_recove
     assert (r.headers["x-seekserve-backend"], r.headers["x-seekserve-route"]) == ("local", "public")
     assert len(up.requests) == 2      # tried, retried once (max_attempts 2), then local
     m = fresh.metrics()
-    assert sample(m, "seekserve:backend_retries_total", backend="cloud") == 1
+    assert metric_value(m, "seekserve:backend_retries_total", backend="cloud") == 1
     assert cloud_attempts(m, "retry") == 1
     assert cloud_attempts(m, "fallback") == 1
-    assert sample(m, "seekserve:route_decisions_total", rule="public", backend="local") == 1
-    assert sample(m, "seekserve:circuit_breaker_state", backend="cloud") == 0   # 2 failures < threshold 3
+    assert metric_value(m, "seekserve:route_decisions_total", rule="public", backend="local") == 1
+    assert metric_value(m, "seekserve:circuit_breaker_state", backend="cloud") == 0   # 2 failures < threshold 3
 
     up.push(Reply.error(502, "bad gateway", type="server_error"))   # the third consecutive failure
     r = chat(fresh, PUBLIC_TEXT)
@@ -363,7 +353,7 @@ def test_failing_upstream_is_retried_falls_back_and_its_breaker_opens_and_recove
     assert r.headers["x-seekserve-backend"] == "local" and len(up.requests) == 3
 
     # after reset_timeout the breaker is half-open (seen at scrape time, no request needed) ...
-    wait_until(lambda: sample(fresh.metrics(), "seekserve:circuit_breaker_state", backend="cloud") == 1,
+    wait_until(lambda: metric_value(fresh.metrics(), "seekserve:circuit_breaker_state", backend="cloud") == 1,
                timeout=RETRY["reset_timeout"] + 10, what="half-open")
     assert time.monotonic() - opened_at >= RETRY["reset_timeout"] * 0.9
     # ... and the upstream has recovered: the probe succeeds and closes it
@@ -371,9 +361,9 @@ def test_failing_upstream_is_retried_falls_back_and_its_breaker_opens_and_recove
     assert (r.status_code, r.headers["x-seekserve-backend"]) == (200, "cloud")
     assert len(up.requests) == 4
     m = fresh.metrics()
-    assert sample(m, "seekserve:circuit_breaker_state", backend="cloud") == 0
-    assert sample(m, "seekserve:route_decisions_total", rule="public", backend="local") == 3
-    assert sample(m, "seekserve:route_decisions_total", rule="public", backend="cloud") == 1
+    assert metric_value(m, "seekserve:circuit_breaker_state", backend="cloud") == 0
+    assert metric_value(m, "seekserve:route_decisions_total", rule="public", backend="local") == 3
+    assert metric_value(m, "seekserve:route_decisions_total", rule="public", backend="cloud") == 1
 
 
 def test_retry_after_is_honoured_and_a_too_long_one_moves_on(fresh: Hybrid) -> None:
@@ -384,7 +374,7 @@ def test_retry_after_is_honoured_and_a_too_long_one_moves_on(fresh: Hybrid) -> N
     assert (r.status_code, r.headers["x-seekserve-backend"]) == (200, "cloud"), r.text
     first, second = up.requests
     assert second.received_at - first.received_at >= 0.95   # waited as told, not the 10 ms backoff
-    assert sample(fresh.metrics(), "seekserve:backend_retries_total", backend="cloud") == 1
+    assert metric_value(fresh.metrics(), "seekserve:backend_retries_total", backend="cloud") == 1
 
     up.push(Reply.error(429, "Rate limit reached", type="rate_limit_error", headers={"Retry-After": "30"}))
     started = time.monotonic()
@@ -393,7 +383,7 @@ def test_retry_after_is_honoured_and_a_too_long_one_moves_on(fresh: Hybrid) -> N
     assert time.monotonic() - started < 10      # above max_retry_after: the next backend, not a 30 s wait
     assert len(up.requests) == 3
     m = fresh.metrics()
-    assert sample(m, "seekserve:backend_retries_total", backend="cloud") == 1
+    assert metric_value(m, "seekserve:backend_retries_total", backend="cloud") == 1
     assert cloud_attempts(m, "fallback") == 1
 
 
@@ -432,5 +422,5 @@ def test_failure_after_the_first_chunk_ends_the_stream_with_an_error_event(fresh
     assert len(up.requests) == 1      # bytes were sent: never retried, never replayed on local
     m = fresh.metrics()
     assert cloud_attempts(m, "error") == 1
-    assert sample(m, "seekserve:backend_retries_total", backend="cloud") == 0
-    assert sample(m, "seekserve:route_decisions_total", rule="public", backend="local") == 0
+    assert metric_value(m, "seekserve:backend_retries_total", backend="cloud") == 0
+    assert metric_value(m, "seekserve:route_decisions_total", rule="public", backend="local") == 0

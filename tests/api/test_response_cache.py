@@ -15,11 +15,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from seekserve.backends.local import LocalBackend
 from seekserve.gateway.principal import Role, Tier
-from tests.api.conftest import running_server
+from tests.api.conftest import metric_value, running_server
 
 MODEL = "tiny-chat"
 PII_TEXT = "请把发票寄到 13812345678，联系人张先生"      # a mainland mobile number: confidential
@@ -55,18 +54,9 @@ def srv(chat_model: Path) -> Iterator[Server]:
     settings = {"response_cache": {"enabled": True, "sensitive_tenants": ["vault"]}}
     with running_server(chat_model, served_model_name=[MODEL], **settings) as (base, backend, app):
         s = with_keys(base, backend, app, ["acme", "globex", "vault"])
-        # one stored entry first, so the header checks below do not depend on the empty-cache bug
-        # (test_header_says_miss_while_the_cache_is_empty)
+        # one stored entry first: the shared server's header checks start from a non-empty cache
         ask(s, "acme", "Warm-up: the cache holds one entry.")
         yield s
-
-
-def sample(metrics: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(metrics):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return 0.0
 
 
 def body(text: str, **extra: Any) -> dict[str, Any]:
@@ -117,8 +107,8 @@ def test_deterministic_request_twice_is_a_hit_that_costs_no_engine_work(srv: Ser
     assert srv.engine_work() == work                           # the engine admitted nothing
     after = srv.metrics()
     for name in ("seekserve:generation_tokens_total", "seekserve:prefix_cache_queries_total"):
-        assert sample(after, name, **({"model": MODEL} if "generation" in name else {})) == \
-            sample(m, name, **({"model": MODEL} if "generation" in name else {})), name
+        assert metric_value(after, name, **({"model": MODEL} if "generation" in name else {})) == \
+            metric_value(m, name, **({"model": MODEL} if "generation" in name else {})), name
     parts = srv.app.state.gateway_parts
     assert parts.writer.flush(20)
     latest = parts.usage.query(tenant="acme", limit=1)[0]      # the hit is metered as served by the cache
@@ -145,13 +135,13 @@ def test_streamed_hit_has_the_same_text_and_usage(srv: Server) -> None:
 
 def test_sampling_without_a_seed_is_never_cached_with_a_seed_it_is(srv: Server) -> None:
     text = "The sampling cache test."
-    stores = sample(srv.metrics(), "seekserve:response_cache_stores_total")
+    stores = metric_value(srv.metrics(), "seekserve:response_cache_stores_total")
     for _ in range(2):
         work = srv.engine_work()
         r = ask(srv, "acme", text, temperature=0.7)
         assert (r.headers["x-seekserve-cache"], r.headers["x-seekserve-backend"]) == ("miss", "local")
         assert srv.engine_work() > work
-    assert sample(srv.metrics(), "seekserve:response_cache_stores_total") == stores
+    assert metric_value(srv.metrics(), "seekserve:response_cache_stores_total") == stores
     first = ask(srv, "acme", text, temperature=0.7, seed=1234)
     assert first.headers["x-seekserve-cache"] == "miss"
     work = srv.engine_work()
@@ -164,10 +154,10 @@ def test_sampling_without_a_seed_is_never_cached_with_a_seed_it_is(srv: Server) 
 
 def test_cache_control_no_store_and_no_cache(srv: Server) -> None:
     text = "The cache-control test."
-    stores = sample(srv.metrics(), "seekserve:response_cache_stores_total")
+    stores = metric_value(srv.metrics(), "seekserve:response_cache_stores_total")
     r = ask(srv, "acme", text, headers={"Cache-Control": "no-store"})
     assert r.headers["x-seekserve-cache"] == "miss"
-    assert sample(srv.metrics(), "seekserve:response_cache_stores_total") == stores     # not stored
+    assert metric_value(srv.metrics(), "seekserve:response_cache_stores_total") == stores     # not stored
     r = ask(srv, "acme", text)
     assert r.headers["x-seekserve-cache"] == "miss"                                     # so not found
     assert ask(srv, "acme", text).headers["x-seekserve-cache"] == "hit"
@@ -176,12 +166,12 @@ def test_cache_control_no_store_and_no_cache(srv: Server) -> None:
     r = ask(srv, "acme", text, headers={"Cache-Control": "no-store"})
     assert r.headers["x-seekserve-cache"] == "miss" and srv.engine_work() > work
     # no-cache: not read (the engine answers again), but the fresh answer replaces the entry
-    stores = sample(srv.metrics(), "seekserve:response_cache_stores_total")
+    stores = metric_value(srv.metrics(), "seekserve:response_cache_stores_total")
     work = srv.engine_work()
     r = ask(srv, "acme", text, headers={"Cache-Control": "no-cache"})
     assert (r.headers["x-seekserve-cache"], r.headers["x-seekserve-backend"]) == ("miss", "local")
     assert srv.engine_work() > work
-    assert sample(srv.metrics(), "seekserve:response_cache_stores_total") == stores + 1
+    assert metric_value(srv.metrics(), "seekserve:response_cache_stores_total") == stores + 1
     work = srv.engine_work()
     assert ask(srv, "acme", text).headers["x-seekserve-cache"] == "hit" and srv.engine_work() == work
 
@@ -234,10 +224,10 @@ def test_hit_rate_metrics(srv: Server) -> None:
     after = srv.metrics()
     for what in ("hits", "misses", "stores"):
         name = f"seekserve:response_cache_{what}_total"
-        assert sample(after, name) - sample(before, name) == 1, name
-    hits = sample(after, "seekserve:response_cache_hits_total")
-    misses = sample(after, "seekserve:response_cache_misses_total")
-    assert sample(after, "seekserve:response_cache_hit_ratio") == pytest.approx(hits / (hits + misses))
+        assert metric_value(after, name) - metric_value(before, name) == 1, name
+    hits = metric_value(after, "seekserve:response_cache_hits_total")
+    misses = metric_value(after, "seekserve:response_cache_misses_total")
+    assert metric_value(after, "seekserve:response_cache_hit_ratio") == pytest.approx(hits / (hits + misses))
     assert "seekserve:response_cache_hit_ratio " in after
 
 
@@ -261,6 +251,6 @@ def test_redis_cache_is_shared_by_two_servers(chat_model: Path, redis_url: str) 
             assert answer(hit) == answer(fresh) and second.engine_work() == work
             _, content, _ = ask_streamed(second, tenant, text)
             assert content == fresh.json()["choices"][0]["message"]["content"]
-            assert sample(second.metrics(), "seekserve:response_cache_hits_total") == 2
+            assert metric_value(second.metrics(), "seekserve:response_cache_hits_total") == 2
     finally:
         client.close()

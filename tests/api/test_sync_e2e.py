@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from seekserve.store.audit import AuditLog
@@ -147,16 +146,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: Callable[[], str
             raise AssertionError(f"timed out after {timeout} s waiting for "
                                  f"{what() if callable(what) else what}")
         time.sleep(0.2)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[TansuBroker]:
-    server = TansuBroker(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_every_event_reaches_the_other_site_once_across_outage_and_restart(broker: TansuBroker,

@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.services import free_port, missing, wait_port
 
@@ -87,3 +90,14 @@ class TansuBroker:
 
     def log_tail(self, num_chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A Tansu broker of the test's own, stopped at the end."""
+    server = TansuBroker(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,6 @@ from tests.gateway.broker import TansuBroker
 # producer cannot start against it; duplicates from retries are absorbed by the consumer's dedupe anyway.
 TANSU_OPTIONS: dict[str, Any] = {"enable_idempotence": False, "send_timeout": 2.0, "max_backoff": 0.5,
                                  "poll_interval": 0.05}
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[TansuBroker]:
-    server = TansuBroker(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def open_db(path: Path) -> Database:

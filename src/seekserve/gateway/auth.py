@@ -10,7 +10,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
-from seekserve.gateway.errors import GatewayError, unauthenticated
+from seekserve.gateway.errors import unauthenticated
 from seekserve.gateway.oidc import JWTVerifier, looks_like_jwt
 from seekserve.gateway.principal import Limits, Principal, Role, Tier
 from seekserve.store.keys import ApiKeyRecord, KeyStore, hash_secret
@@ -95,10 +95,3 @@ class Authenticator:
         record = await asyncio.to_thread(self.keys.verify, token)
         return principal_of_key(record) if record is not None else None
 
-
-def require_principal_model(principal: Principal, model: str) -> None:
-    """Object-level check of inference: a key restricted to some models gets 404 for the others, as if they
-    did not exist (OpenAI answers the same for a model the caller cannot see)."""
-    if not principal.may_use_model(model):
-        raise GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                           code="model_not_found", param="model", error_type="invalid_request_error")

@@ -34,10 +34,9 @@ CACHE_STATUS_HEADER = "x-seekserve-cache"        # "hit" on a replayed answer
 FORMAT_VERSION = 1                                # of CachedResponse.to_bytes; part of every key
 # Bumped with the stored format, so servers of two versions sharing one Redis never read each other's entries.
 KEY_VERSION = f"seekserve-response-cache/{FORMAT_VERSION}"
-# SamplingParams fields left out of the key. None today: logprobs changes the payload, n the number of
-# choices, skip_special_tokens the text, and `extra` may carry logits processors. New fields are keyed
-# automatically (dataclasses.fields), so forgetting one can only cause misses, never a wrong hit.
-UNKEYED_PARAMS: frozenset[str] = frozenset()
+# Every SamplingParams field is keyed (dataclasses.fields, so a new field is keyed automatically): even
+# logprobs, n, skip_special_tokens and `extra` change the payload, so no field can cause a wrong hit.
+
 # Only answers that ended by themselves are stored: "abort" (client gone), None (cut short) or an upstream
 # error reason never are; "content_filter" neither, because an upstream's moderation changes over time.
 STORABLE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
@@ -55,7 +54,7 @@ def cache_key(tenant: str, request: GenerationRequest) -> str:
     cache_salt are left out: none of them changes the text. Raises ValueError when the request holds a value
     with no JSON form (the caller then treats the request as uncacheable)."""
     params = {f.name: _canon_param(getattr(request.params, f.name))
-              for f in dataclasses.fields(request.params) if f.name not in UNKEYED_PARAMS}
+              for f in dataclasses.fields(request.params)}
     doc = {"v": KEY_VERSION, "tenant": tenant, "model": request.model, "kind": request.kind,
            # whole message dicts (role/content/name today), so a key the template reads is never ignored
            "messages": request.messages, "prompt": request.prompt,

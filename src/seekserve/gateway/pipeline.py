@@ -6,7 +6,6 @@ rate-limit → classify sensitivity → response cache → route → meter/audit
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -17,7 +16,7 @@ from seekserve.gateway.cache import (CachedResponse, CachePolicy, ResponseCache,
                                      should_cache)
 from seekserve.gateway.errors import GatewayError
 from seekserve.gateway.principal import Limits, Principal
-from seekserve.gateway.ratelimit import Decision, Lease, RateLimiter, Scope
+from seekserve.gateway.ratelimit import Decision, Lease, RateLimiter, refusal_error, scopes_for
 from seekserve.gateway.routing import RouteContext, Router
 from seekserve.gateway.sensitivity import Classification, Level, SensitivityClassifier
 from seekserve.gateway.usage import DEFAULT_PRICES, AuditEvent, Price, RecordWriter, cost_usd
@@ -102,26 +101,13 @@ class Gateway:
         return self.classifier.classify(texts, principal.tenant, headers.get("x-data-classification"))
 
     async def rate_limit(self, principal: Principal, requests: list[GenerationRequest]) -> Decision:
-        scopes = [Scope(f"key:{principal.subject}", principal.limits)]
-        tenant_limits = self.tenant_limits.get(principal.tenant)
-        if tenant_limits is not None:
-            scopes.append(Scope(f"tenant:{principal.tenant}", tenant_limits))
-        scopes = [s for s in scopes if not s.limits.is_unlimited()]
+        scopes = scopes_for(principal, self.tenant_limits.get(principal.tenant))
         if not scopes:
             return Decision(allowed=True, retry_after=0.0, headers={}, reason=None, lease=None)
         decision = await self.limiter.acquire(scopes, sum(_reservation(r, self.default_max_tokens) for r in requests))
-        if decision.allowed:
-            return decision
-        if decision.reason == "limiter_unavailable":
-            raise GatewayError(503, "Rate limiting is unavailable and this server refuses requests until it "
-                                    "is back; retry shortly.", code="rate_limiter_unavailable",
-                               headers=decision.headers)
-        what = {"rps": "requests per second", "rpm": "requests per minute", "tpm": "tokens per minute",
-                "concurrency": "concurrent requests",
-                "tpm_exceeds_limit": "tokens per minute (this request alone reserves more than the limit)",
-                }.get(decision.reason or "", decision.reason or "rate")
-        raise GatewayError(429, f"Rate limit reached for {what}. Retry after {math.ceil(decision.retry_after)}s.",
-                           code="rate_limit_exceeded", error_type="rate_limit_error", headers=decision.headers)
+        if not decision.allowed:
+            raise refusal_error(decision)
+        return decision
 
     async def start_one(self, call: _Call, source: int, request: GenerationRequest,
                         headers: Mapping[str, str]) -> AsyncIterator[Chunk]:

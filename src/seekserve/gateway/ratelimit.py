@@ -195,17 +195,20 @@ def decide(allowed: bool, checks: list[Check], scopes: list[Scope], tokens: int,
     return Decision(False, worst.wait, headers | retry_headers(worst.wait), worst.kind, None)
 
 
+_WHAT = {"rps": "requests per second", "rpm": "requests per minute", "tpm": "tokens per minute",
+         "concurrency": "concurrent requests",
+         REASON_TOO_LARGE: "tokens per minute (this request alone reserves more than the limit)"}
+
+
 def refusal_error(decision: Decision) -> GatewayError:
     """The HTTP answer to a refusal: 503 when the limiter is down (fail-closed), 429 otherwise."""
     if decision.reason == REASON_UNAVAILABLE:
-        return GatewayError(503, "Rate limiter unavailable; retry shortly.", code=REASON_UNAVAILABLE,
-                            error_type="service_unavailable", headers=decision.headers)
-    if decision.reason == REASON_TOO_LARGE:
-        message = "This request's tokens (prompt + max_tokens) exceed your tokens-per-minute limit."
-    else:
-        message = f"Rate limit reached ({decision.reason}). Retry after {decision.retry_after:.2f}s."
-    return GatewayError(429, message, code="rate_limit_exceeded", error_type="rate_limit_error",
-                        headers=decision.headers)
+        return GatewayError(503, "Rate limiting is unavailable and this server refuses requests until it is "
+                                 "back; retry shortly.", code="rate_limiter_unavailable",
+                            headers=decision.headers)
+    what = _WHAT.get(decision.reason or "", decision.reason or "rate")
+    return GatewayError(429, f"Rate limit reached for {what}. Retry after {math.ceil(decision.retry_after)}s.",
+                        code="rate_limit_exceeded", error_type="rate_limit_error", headers=decision.headers)
 
 
 def rejections_counter(registry: CollectorRegistry | None) -> Counter:

@@ -256,8 +256,9 @@ async def _consume_until_signal(consumer: SyncConsumer) -> None:
 
 async def _consume_until_idle(consumer: SyncConsumer, idle_timeout: float) -> int:
     try:
-        while await consumer.consume_once(timeout=idle_timeout):
-            pass  # loop until a fetch comes back empty: caught up
+        caught_up = False
+        while not caught_up:   # until a fetch comes back empty
+            caught_up = await consumer.consume_once(timeout=idle_timeout) == 0
     except BROKER_ERRORS as err:
         print(f"seekserve sync consume: Kafka error: {describe_error(err)}", file=sys.stderr)
         return 2
