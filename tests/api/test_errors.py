@@ -412,6 +412,16 @@ def test_huge_inputs_get_a_clear_4xx(http: httpx.Client) -> None:
 
 # -- the engine must survive any request -----------------------------------------------------------------
 
+def test_min_tokens_beyond_the_context_left_is_a_400(chat_model: Path) -> None:
+    """Found by the fuzz test: without max_tokens the engine fills it in from the context left, and a
+    min_tokens above that must be the client's 400, not a backend failure (503) that routing would retry."""
+    with running_server(chat_model, served_model_name=[MODEL], max_sequence_length=MAX_LEN) as (base, _, _), \
+            httpx.Client(base_url=base, timeout=30) as c:
+        r = c.post(CHAT, json={"model": MODEL, "messages": HELLO, "min_tokens": 100_000})   # no max_tokens
+        assert_error(r, 400, "invalid_request_error", "invalid_value", "min_tokens")
+        assert_serving(c)
+
+
 def test_out_of_vocab_stop_token_ids_with_min_tokens(chat_model: Path) -> None:
     with running_server(chat_model, served_model_name=[MODEL], max_sequence_length=MAX_LEN) as (base, _, _), \
             httpx.Client(base_url=base, timeout=30) as c:

@@ -46,12 +46,12 @@ class LocalBackend:
     async def start(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         # tokenizing a long prompt takes a while: off the event loop, so other requests (and probes) go on
         ids, starts_in_reasoning = await asyncio.to_thread(self._prompt_ids, request)
-        params = self._fit_to_context(request, len(ids))
-        if self.num_queued >= self.max_queued_requests:
-            raise BackendError(f"the server is busy: {self.num_queued} requests are already waiting; retry later",
-                               status=429, code="queue_full", error_type="rate_limit_error",
-                               headers={"Retry-After": "1"})
-        try:
+        try:   # the engine's InvalidRequestError is the client's mistake: a 400, as the protocol asks
+            params = self._fit_to_context(request, len(ids))   # re-validates (e.g. min_tokens > max_tokens)
+            if self.num_queued >= self.max_queued_requests:
+                raise BackendError(f"the server is busy: {self.num_queued} requests are already waiting; "
+                                   "retry later", status=429, code="queue_full", error_type="rate_limit_error",
+                                   headers={"Retry-After": "1"})
             prepared = self.engine.prepare_request(request.request_id, ids, params, request.priority,
                                                    request.cache_salt)
             outputs = self.async_engine.stream(prepared)

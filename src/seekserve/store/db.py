@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,9 +90,10 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     try:
+        # the busy timeout first: the journal-mode switch of a fresh file may meet another connection's lock
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")
         cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the single writer
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")
         # with WAL, NORMAL never corrupts; a power cut may only drop the last commits
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
@@ -206,7 +208,22 @@ def _alembic_config() -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database at `url` to `revision`. Safe to run twice and from several replicas at once:
-    the whole upgrade runs in one transaction under a lock (PostgreSQL advisory lock, SQLite write lock)."""
+    the whole upgrade runs in one transaction under a lock (PostgreSQL advisory lock, SQLite write lock).
+    SQLite can answer "database is locked" without waiting while several processes create a fresh file
+    (its journal-mode switch does not always use the busy handler): that case is retried."""
+    for attempt in range(5):
+        try:
+            _upgrade_once(url, revision)
+            return
+        except exc.OperationalError as err:
+            if not (url.startswith("sqlite") and "locked" in str(err)) or attempt == 4:
+                raise store_error("database upgrade failed", url, err) from None
+            time.sleep(0.2 * (attempt + 1))
+        except (exc.SQLAlchemyError, OSError) as err:
+            raise store_error("database upgrade failed", url, err) from None
+
+
+def _upgrade_once(url: str, revision: str) -> None:
     engine = build_engine(url, poolclass=NullPool)
     config = _alembic_config()
     try:
@@ -219,8 +236,6 @@ def upgrade(url: str, revision: str = "head") -> None:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock})
                 config.attributes["connection"] = conn
                 command.upgrade(config, revision)
-    except (exc.SQLAlchemyError, OSError) as err:
-        raise store_error("database upgrade failed", url, err) from None
     finally:
         engine.dispose()
 
