@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import ROOT, free_port, spawn, stop, wait_http  # noqa: E402  (benchmarks/ is not a package)
+
 TARGET_ADDED_P50_MS, TARGET_CPU_MS = 1.0, 1.0
 # the issue's figures for LiteLLM's proxy on this machine, measured the same way (quoted, not measured here)
 LITELLM_QUOTED = {"added_p50_ms": 9.0, "cpu_ms_per_request": 9.0, "rps_per_worker": 110}
@@ -49,12 +50,6 @@ SETTLE_S = 0.2      # after a timed part: the record writer's 50 ms batch lands 
 
 
 # -- processes and their CPU ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stat(pid: int, tid: int | None = None) -> tuple[int, float] | None:
     """(ppid, utime + stime in seconds) of one process (or one of its threads), None once it is gone."""
     try:
@@ -98,37 +93,6 @@ class Target:
             return 0.0, 0.0
         main = _stat(self.proc.pid, self.proc.pid)
         return tree_cpu(self.proc.pid), main[1] if main else 0.0
-
-
-def wait_http(port: int, proc: subprocess.Popen, what: str, log: Path | None, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f} s")
-
-
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT),
-                                                         os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def interpreter_features(python: str) -> str:

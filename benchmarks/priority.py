@@ -1,5 +1,9 @@
 """VIP priority under load, through the real HTTP server and real keys.
 
+The server is `seekserve serve` in its own process (keys made with `seekserve keys create`): a load
+generator in the server's process would share its interpreter lock with the engine thread and the event
+loop, and the comparison would partly measure the client.
+
 Scenario 1 (queue): standard clients keep more requests in flight than --batch-size, so a queue forms; a
 vip request arrives every --vip-interval seconds. Printed: TTFT p50/p95 of both groups, and the
 throughput against the same workload served first-come-first-served (the "vip" requests sent with a
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import time
@@ -26,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import serving  # noqa: E402
+from _server import ServerProcess, serving_process  # noqa: E402  (benchmarks/ is not a package)
 
 PROMPT = "Add the numbers and explain the steps: 1234 + 5678 ="
 
@@ -63,35 +68,49 @@ async def one(client: httpx.AsyncClient, key: str, model: str, max_tokens: int, 
     return (ttft if ttft is not None else time.perf_counter() - t0), tokens, "".join(text)
 
 
-async def queue_scenario(base: str, std_key: str, vip_key: str, model: str, a: argparse.Namespace
+def length(rng: random.Random, a: argparse.Namespace) -> int:
+    """A request's max_tokens: uniform in max_tokens x (1 +- spread). Each client draws from its own seeded
+    generator, so both modes replay the same lengths."""
+    return max(1, round(a.max_tokens * (1 + a.length_spread * (2 * rng.random() - 1))))
+
+
+def generated_tokens(srv: ServerProcess) -> float:
+    """Tokens the server has streamed so far (its seekserve:generation_tokens counter, counted per chunk)."""
+    return srv.metric("seekserve:generation_tokens_total")
+
+
+async def queue_scenario(srv: ServerProcess, std_key: str, vip_key: str, model: str, a: argparse.Namespace
                          ) -> dict[str, Any]:
+    """Throughput is measured in the steady state only: tokens generated between the first vip request
+    and the end of the run, per second. The ramp-up (queue forming) and the drain after the last
+    request (whose length depends on where each client was when time ran out) are left out."""
+    base = srv.base
     std_ttft: list[float] = []
     vip_ttft: list[float] = []
-    tokens = [0]
     stop = time.perf_counter() + a.duration
     async with httpx.AsyncClient(base_url=base, timeout=600,
                                  limits=httpx.Limits(max_connections=a.standard_clients + 50)) as client:
-        async def standard_loop() -> None:
+        async def standard_loop(rng: random.Random) -> None:
             while time.perf_counter() < stop:
-                ttft, n, _ = await one(client, std_key, model, a.max_tokens)
+                ttft, _, _ = await one(client, std_key, model, length(rng, a))
                 std_ttft.append(ttft)
-                tokens[0] += n
+
+        vip_rng = random.Random("vip")
 
         async def vip_one() -> None:
-            ttft, n, _ = await one(client, vip_key, model, a.max_tokens)
+            ttft, _, _ = await one(client, vip_key, model, length(vip_rng, a))
             vip_ttft.append(ttft)
-            tokens[0] += n
 
-        t0 = time.perf_counter()
-        loops = [asyncio.create_task(standard_loop()) for _ in range(a.standard_clients)]
+        loops = [asyncio.create_task(standard_loop(random.Random(i))) for i in range(a.standard_clients)]
         vips = []
         await asyncio.sleep(a.vip_interval * 2)      # let the queue form first
+        t0, n0 = time.perf_counter(), await asyncio.to_thread(generated_tokens, srv)
         while time.perf_counter() < stop:
             vips.append(asyncio.create_task(vip_one()))
             await asyncio.sleep(a.vip_interval)
+        t1, n1 = time.perf_counter(), await asyncio.to_thread(generated_tokens, srv)
         await asyncio.gather(*loops, *vips)
-        elapsed = time.perf_counter() - t0
-    return {"std": std_ttft, "vip": vip_ttft, "throughput": tokens[0] / elapsed}
+    return {"std": std_ttft, "vip": vip_ttft, "throughput": (n1 - n0) / (t1 - t0)}
 
 
 async def full_batch_scenario(base: str, std_key: str, vip_key: str, model: str, a: argparse.Namespace
@@ -119,29 +138,38 @@ def main() -> int:
     p.add_argument("--standard-clients", type=int, default=24, help="standard requests kept in flight")
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--vip-interval", type=float, default=0.5)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="mean output length (ignore_eos: exact)")
+    p.add_argument("--length-spread", type=float, default=0.5,
+                   help="output lengths uniform in max-tokens x (1 +- spread); 0: all equal, which keeps FCFS "
+                        "in lockstep (every slot admitted in one prefill step), a pattern real traffic never has")
     p.add_argument("--long-tokens", type=int, default=400, help="scenario 2: length of the running generations")
+    p.add_argument("--vip-reserved-share", type=float, default=0.0,
+                   help="share of the batch slots kept for vip (the server's --vip-reserved-share)")
     p.add_argument("--repeat", type=int, default=2, help="runs per mode, alternating (default 2)")
     p.add_argument("--dtype", default=None, help="default: float32 for the tiny model, the checkpoint's otherwise; "
-                                                 "greedy output survives a preemption exactly in float32 only")
+                                                 "scenario 2's comparison is exact in float32 only: bf16 kernels "
+                                                 "round differently with the batch shape, preempted or not")
     a = p.parse_args()
-    settings: dict[str, Any] = {"batch_size": a.batch_size, "dtype": a.dtype or ("auto" if a.model else "float32")}
+    flags = ["--batch-size", str(a.batch_size), "--dtype", a.dtype or ("auto" if a.model else "float32"),
+             "--vip-reserved-share", str(a.vip_reserved_share)]
     if a.model:
-        settings["model_path"] = a.model
+        flags += ["--model-path", a.model]
     runs: dict[str, list[dict[str, Any]]] = {"priority": [], "fcfs": []}
     full: dict[str, Any] = {}
     for r in range(a.repeat):          # alternate the two modes, so a noisy minute hits both
         for mode in ("priority", "fcfs") if r % 2 == 0 else ("fcfs", "priority"):
-            with serving(**settings) as srv:
-                model = srv.backend.models()[0].id
+            with serving_process(*flags) as srv:
+                model = httpx.get(srv.base + "/v1/models", headers={"Authorization": f"Bearer {srv.key('lister')}"}
+                                  ).json()["data"][0]["id"]
                 std, vip = srv.key("std"), srv.key("vip", tier="vip" if mode == "priority" else "standard")
-                runs[mode].append(asyncio.run(queue_scenario(srv.base, std, vip, model, a)))
+                runs[mode].append(asyncio.run(queue_scenario(srv, std, vip, model, a)))
                 if mode == "priority" and not full:
                     full = asyncio.run(full_batch_scenario(srv.base, std, srv.key("vip2", tier="vip"), model, a))
     pr = {k: [v for run in runs["priority"] for v in run[k]] for k in ("std", "vip")}
     fc_vip = [v for run in runs["fcfs"] for v in run["vip"]]
     print(f"scenario 1: {a.standard_clients} standard clients, batch size {a.batch_size}, a vip request every "
-          f"{a.vip_interval}s, {a.duration:.0f}s x {a.repeat} runs per mode")
+          f"{a.vip_interval}s, max_tokens {a.max_tokens} +- {a.length_spread:.0%}, {a.duration:.0f}s x {a.repeat} "
+          "runs per mode")
     print(report("standard", pr["std"]))
     print(report("vip", pr["vip"]))
     print(report("fcfs-vip", fc_vip) + "   (the same requests, first-come-first-served)")
@@ -150,11 +178,11 @@ def main() -> int:
     tput = statistics.median(p / f for p, f in tputs)
     print(f"vip p50 / standard p50 = {ratio:.4f}   (target <= 0.05; vLLM's priority scheduling: 0.017)")
     print("throughput tok/s, priority vs FCFS, per pair: " + ", ".join(f"{p:.0f}/{f:.0f}" for p, f in tputs)
-          + f"; median ratio {tput:.3f}   (target within 10 %)")
+          + f"; median ratio {tput:.3f}   (target: at least 0.90)")
     print(f"scenario 2: {a.batch_size} long standard generations fill every slot, no queue")
     print(f"vip TTFT {full['vip_ttft'] * 1000:.1f} ms; an unloaded request's TTFT {full['single_ttft'] * 1000:.1f} ms; "
           f"preempted generations resumed with identical output: {full['identical']}")
-    ok = ratio <= 0.05 and abs(1 - tput) <= 0.10 and full["identical"]
+    ok = ratio <= 0.05 and tput >= 0.90 and full["identical"]     # faster than FCFS is no failure
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

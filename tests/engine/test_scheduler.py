@@ -266,7 +266,9 @@ def test_priority_preemption_schedules_urgent_sequence_immediately():
     out = sched.schedule()
     assert out.preempted == [b]
     assert plan(out) == [(a, 1), (urgent, 6)]
-    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    # only a slot was missing: b is paused with its blocks and progress, not recomputed
+    assert b.status is SequenceStatus.PAUSED and b.num_computed_tokens == 5 and len(b.block_table) == 2
+    assert sched.num_waiting == 1 and sched.paused == [b]
     assert urgent.status is SequenceStatus.RUNNING
     assert sched.num_preemptions == 1
     sched.update_after_step(out)
@@ -275,7 +277,7 @@ def test_priority_preemption_schedules_urgent_sequence_immediately():
     step(sched)
     assert urgent.is_finished
     out = step(sched)
-    assert plan(out) == [(a, 1), (b, 2)]           # b: prompt + 2 outputs, its first block from the cache
+    assert plan(out) == [(a, 1), (b, 1)]           # b resumes where it stopped: one decode, no recompute
     while sched.has_unfinished():
         step(sched)
     assert b.output_token_ids == [DUMMY] * 10
@@ -295,6 +297,60 @@ def test_priority_preemption_when_out_of_blocks():
     out = sched.schedule()
     assert out.preempted == [b]                                 # the worst priority, not the latest
     assert [x.seq for x in out.scheduled] == [a, urgent]
+    assert b.status is SequenceStatus.WAITING and b.block_table == []   # blocks were missing: freed
+
+
+def test_paused_sequences_give_up_blocks_before_a_running_one_is_preempted():
+    sched = make_scheduler(num_blocks=6, block_size=4, max_num_seqs=2, max_num_batched_tokens=100)
+    a, b = make_seq(4, priority=1, max_tokens=12), make_seq(4, priority=1, max_tokens=12)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    urgent = make_seq(3, priority=0, max_tokens=12)
+    sched.add(urgent)
+    step(sched)
+    assert b.status is SequenceStatus.PAUSED and len(b.block_table) == 1
+    while b.status is SequenceStatus.PAUSED:      # a and urgent grow until the cache is short
+        out = step(sched)
+        assert a in [x.seq for x in out.scheduled] and urgent in [x.seq for x in out.scheduled]
+    assert b.status is SequenceStatus.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert sched.num_preemptions == 1                          # giving blocks back is not a second one
+    while sched.has_unfinished():
+        step(sched)
+    assert all(s.num_output_tokens == 12 for s in (a, b, urgent))
+    assert_idle_and_clean(sched)
+
+
+def test_a_queued_sequence_takes_a_paused_ones_blocks_when_more_urgent():
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_seqs=1, max_num_batched_tokens=100)
+    low = make_seq(7, priority=2, max_tokens=4)
+    sched.add(low)
+    step(sched)
+    mid = make_seq(3, priority=1, max_tokens=1)
+    sched.add(mid)
+    step(sched)                                                 # low paused (2 blocks), mid runs
+    assert low.status is SequenceStatus.PAUSED and mid.is_finished
+    urgent = make_seq(12, priority=0, max_tokens=1)             # needs 3 blocks: only 2 are free
+    sched.add(urgent)
+    out = step(sched)
+    assert plan(out) == [(urgent, 12)]
+    assert low.status is SequenceStatus.WAITING and low.block_table == []
+    while sched.has_unfinished():
+        step(sched)
+    assert low.num_output_tokens == 4
+    assert_idle_and_clean(sched)
+
+
+def test_finishing_a_paused_sequence_frees_its_blocks():
+    sched = make_scheduler(max_num_seqs=1, max_num_batched_tokens=100)
+    a = make_seq(6, priority=1, max_tokens=5)
+    sched.add(a)
+    step(sched)
+    sched.add(make_seq(2, priority=0, max_tokens=1))
+    sched.schedule()
+    assert a.status is SequenceStatus.PAUSED
+    sched.finish(a)                                             # an abort while paused
+    assert a.is_finished and sched.paused == [] and sched.block_manager.num_free_blocks == 63
 
 
 def test_reserved_slots_are_kept_for_vip():
@@ -431,17 +487,19 @@ def test_random_workload_terminates_within_budgets(reqs, num_blocks, max_num_seq
         assert len(ids) == len(set(ids))
         assert not set(map(id, out.preempted)) & set(ids)
         held = [0] * num_blocks
-        for s in sched.running:
-            assert s.status is SequenceStatus.RUNNING
+        for s in sched.running + sched.paused:
+            assert s.status is (SequenceStatus.RUNNING if s in sched.running else SequenceStatus.PAUSED)
             assert len(s.block_table) == bm.num_blocks_for(s.num_computed_tokens)
             for b in s.block_table:
                 held[b] += 1
+        assert sched.paused == sorted(sched.paused, key=lambda s: s.sort_key)
         for _, s in sched.waiting:
             assert s.block_table == [] and s.num_computed_tokens == 0 and s.status is SequenceStatus.WAITING
         assert [b.ref_count for b in bm.blocks] == held
         assert bm.num_free_blocks == held.count(0)
     else:
-        raise AssertionError(f"not finished after {max_steps} steps: {sched.running} {sched.waiting}")
+        raise AssertionError(f"not finished after {max_steps} steps: {sched.running} {sched.waiting} "
+                             f"{sched.paused}")
     for _, s in seqs:
         assert s.is_finished
         assert s.output_token_ids == [DUMMY] * s.params.max_tokens

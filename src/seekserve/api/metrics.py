@@ -32,7 +32,7 @@ class _EngineCollector(Collector):
                                   value=s.num_prefix_queries)
         yield CounterMetricFamily("seekserve:prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=s.num_prefix_hits)
-        yield CounterMetricFamily("seekserve:num_preemptions", "Sequences preempted (recomputed later)",
+        yield CounterMetricFamily("seekserve:num_preemptions", "Sequences preempted (paused with their KV kept, or recomputed later)",
                                   value=s.num_preemptions)
 
 

@@ -2,14 +2,19 @@
 catches up with its `num_tokens` as far as the token budget allows. Prefill, chunked prefill, decode,
 prefix-cache hits and recompute after preemption are all that rule.
 
-Order: running sequences first (best priority first), then waiting ones by (priority, arrival).
-When blocks run out, the lowest-priority, latest running sequence is preempted (its blocks freed,
-recomputed later). A waiting sequence of strictly better priority may preempt the worst running one
-when it cannot otherwise start (no free slot or no blocks). The last `num_reserved_slots` batch slots
-are kept for priority-0 (vip) sequences: a dedicated pool, so vip traffic never waits for a slot."""
+Order: running sequences first (best priority first), then the candidates for a slot by (priority,
+arrival): paused sequences and waiting ones.
+When blocks run out, paused sequences give theirs up first, then the lowest-priority, latest running
+sequence is preempted (its blocks freed, recomputed later). A candidate of strictly better priority may
+preempt the worst running one when it cannot otherwise start. If it lacks only a slot, the victim is
+*paused*: it keeps its KV blocks and later resumes exactly where it stopped (no recompute); if it lacks
+blocks, the victim's are freed. The last
+`num_reserved_slots` batch slots are kept for priority-0 (vip) sequences: a dedicated pool, so vip
+traffic never waits for a slot."""
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass, field
 
@@ -48,18 +53,20 @@ class Scheduler:
         self.preempt_for_priority = preempt_for_priority
         self.waiting: list[tuple[tuple[int, int], Sequence]] = []   # heap by sort_key
         self.running: list[Sequence] = []                           # kept sorted by sort_key
+        self.paused: list[Sequence] = []                            # sorted by sort_key; they hold blocks
         self.num_preemptions = 0
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        """Sequences waiting for a slot: queued ones and paused ones."""
+        return len(self.waiting) + len(self.paused)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.paused)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -92,6 +99,9 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             total = seq.num_computed_tokens + num_new
             while not self.block_manager.can_append(seq, total):
+                if self.paused:                 # blocks nobody is using this step go first
+                    self._evict_paused()
+                    continue
                 victim = self.running[-1]
                 budget += self._unschedule(victim, out)
                 self._preempt(victim, out)
@@ -113,43 +123,90 @@ class Scheduler:
                 return s.num_new_tokens
         return 0
 
+    def _next_candidate(self) -> Sequence | None:
+        """The most urgent sequence without a slot: the head of the queue or the best paused one."""
+        queued = self.waiting[0][1] if self.waiting else None
+        paused = self.paused[0] if self.paused else None
+        if queued is None or paused is None:
+            return queued or paused
+        return paused if paused.sort_key < queued.sort_key else queued
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0][1]
-            if seq.priority > 0 and len(self.running) >= self.max_num_seqs - self.num_reserved_slots:
-                break  # the remaining slots are vip's; everything behind seq in the heap is no more urgent
-            if any(p is seq for p in out.preempted):
-                break  # preempted in this very step: re-admitting it would only waste the recompute
-            computed = bm.get_computed_blocks(seq)
-            num_cached = len(computed) * bm.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
-            if not bm.can_allocate(computed, num_cached + num_new):
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._next_candidate()
+            if seq is None:
                 break
-            heapq.heappop(self.waiting)
-            bm.allocate(seq, computed, num_cached + num_new)
-            seq.num_computed_tokens = num_cached
-            if seq.num_cached_tokens is None:  # first admission (not a resume after preemption)
-                seq.num_cached_tokens = num_cached
-                bm.record_prefix_lookup(seq.num_tokens, num_cached)
+            if seq.priority > 0 and len(self.running) >= self.max_num_seqs - self.num_reserved_slots:
+                break  # the remaining slots are vip's; every other candidate is no more urgent
+            if any(p is seq for p in out.preempted):
+                break  # preempted in this very step: taking it back would only waste the step
+            if seq.status is SequenceStatus.PAUSED:
+                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if not bm.can_append(seq, seq.num_computed_tokens + num_new):
+                    if self.paused[-1] is seq:
+                        break
+                    self._evict_paused()   # a less urgent paused sequence gives up its blocks
+                    continue
+                self.paused.remove(seq)
+                bm.append_slots(seq, seq.num_computed_tokens + num_new)
+            else:
+                computed = bm.get_computed_blocks(seq)
+                num_cached = len(computed) * bm.block_size
+                num_new = min(seq.num_tokens - num_cached, budget)
+                if not bm.can_allocate(computed, num_cached + num_new):
+                    if not self.paused:
+                        break
+                    self._evict_paused()   # every paused sequence is less urgent than seq
+                    continue
+                heapq.heappop(self.waiting)
+                bm.allocate(seq, computed, num_cached + num_new)
+                seq.num_computed_tokens = num_cached
+                if seq.num_cached_tokens is None:  # first admission (not a resume after preemption)
+                    seq.num_cached_tokens = num_cached
+                    bm.record_prefix_lookup(seq.num_tokens, num_cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
 
     def _preempt_for_waiting_priority(self, out: SchedulerOutput) -> None:
-        """Let a strictly more urgent waiting sequence start now, preempting the worst running ones."""
+        """Let a strictly more urgent candidate start now: the worst running sequence is paused when only
+        a slot is missing, preempted (blocks freed) when blocks are."""
         bm = self.block_manager
-        while self.waiting and self.running:
-            head, worst = self.waiting[0][1], self.running[-1]
-            if head.priority >= worst.priority:
+        while self.running:
+            head, worst = self._next_candidate(), self.running[-1]
+            if head is None or head.priority >= worst.priority:
                 return
-            first_chunk = min(head.num_tokens, self.max_num_batched_tokens)
             no_slot = len(self.running) >= self.max_num_seqs - (self.num_reserved_slots if head.priority else 0)
-            no_blocks = not bm.can_allocate([], first_chunk)
-            if not (no_slot or no_blocks):
+            if head.status is SequenceStatus.PAUSED:
+                no_blocks = not bm.can_append(head, head.num_tokens)
+            else:
+                no_blocks = not bm.can_allocate([], min(head.num_tokens, self.max_num_batched_tokens))
+            if no_blocks and self.paused and self.paused[-1] is not head:
+                self._evict_paused()
+            elif no_blocks:
+                self._preempt(worst, out)
+            elif no_slot:
+                self._pause(worst, out)
+            else:
                 return
-            self._preempt(worst, out)
+
+    def _pause(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Take seq's slot, keep its blocks and progress: it resumes with no recompute."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.PAUSED
+        bisect.insort(self.paused, seq, key=lambda s: s.sort_key)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def _evict_paused(self) -> None:
+        """The least urgent paused sequence gives its blocks back; it will be recomputed (already counted
+        as a preemption when it was paused)."""
+        seq = self.paused.pop()
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        self.add(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute-style preemption: drop its KV blocks, keep its tokens, requeue it."""
@@ -170,6 +227,9 @@ class Scheduler:
         """Remove a finished or aborted sequence from wherever it is and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq.status is SequenceStatus.PAUSED:
+            self.paused.remove(seq)
             self.block_manager.free(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting = [(k, s) for k, s in self.waiting if s is not seq]

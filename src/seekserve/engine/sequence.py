@@ -18,6 +18,7 @@ _seq_counter = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"           # preempted for its batch slot only: keeps its KV blocks, resumes as it was
     FINISHED = "finished"
 
 
