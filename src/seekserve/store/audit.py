@@ -8,7 +8,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,6 +76,9 @@ class AuditRecord:
                    tenant=data["tenant"], action=data["action"], target=data.get("target", ""),
                    status=data.get("status", "ok"), detail=dict(data.get("detail") or {}),
                    prev_hash=data["prev_hash"], hash=data["hash"], seq=data.get("seq"))
+
+
+_ROW_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "seq")
 
 
 def _ts_text(ts: datetime) -> str:
@@ -155,7 +158,7 @@ class AuditLog:
             if new:
                 # one multi-row INSERT; sort_by_parameter_order makes SQLAlchemy assign seq in list (= chain)
                 # order on every dialect (PostgreSQL: INSERT .. SELECT .. ORDER BY), and return them in that order
-                rows = [{k: v for k, v in asdict(r).items() if k != "seq"} for r in new]
+                rows = [{name: getattr(r, name) for name in _ROW_FIELDS} for r in new]   # shallow, unlike asdict
                 statement = insert(AuditRow).returning(AuditRow.seq, sort_by_parameter_order=True)
                 for record, seq in zip(new, session.scalars(statement, rows).all()):
                     done[record.event_id] = replace(record, seq=seq)
@@ -231,7 +234,7 @@ def _verbatim_row(record: AuditRecord) -> dict[str, Any]:
         check_text(getattr(record, name), name, 64)
     if not isinstance(record.detail, dict):
         raise TypeError("detail must be a dict")
-    row = {k: v for k, v in asdict(record).items() if k != "seq"}
+    row = {name: getattr(record, name) for name in _ROW_FIELDS}
     row["ts"] = require_aware(record.ts, "ts")
     return row
 

@@ -76,6 +76,9 @@ class UsageRecord:
         return cls(**values)
 
 
+_COLUMNS = tuple(f.name for f in fields(UsageRecord))   # shallow rows: asdict deep-copies every value
+
+
 def _record(row: UsageRow) -> UsageRecord:
     return UsageRecord(**{f.name: getattr(row, f.name) for f in fields(UsageRecord)})
 
@@ -92,7 +95,7 @@ class UsageStore:
         for record in records:
             if not isinstance(record, UsageRecord):
                 raise TypeError(f"expected UsageRecord, got {type(record).__name__}")
-            unique.setdefault(record.event_id, asdict(record))
+            unique.setdefault(record.event_id, {name: getattr(record, name) for name in _COLUMNS})
         if not unique:
             return 0
         statement = self._db.insert_ignoring_duplicates(UsageRow).returning(UsageRow.id)
