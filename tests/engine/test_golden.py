@@ -53,7 +53,7 @@ def assert_matches(got: list[list[int]], refs: list[list[int]], tops: list[list[
         assert g[:8] == r[:8], f"prompt {i}: first tokens differ: {g[:8]} vs {r[:8]}"
         k = next(j for j in range(len(r)) if g[j] != r[j])
         assert g[k] in tops[i][k], f"prompt {i}, step {k}: {g[k]} not in reference top-5 {tops[i][k]}"
-        return  # after a divergence the continuations are different texts
+        # after a divergence the continuations are different texts: the next prompt
 
 
 def greedy(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
@@ -84,6 +84,35 @@ def test_greedy_under_preemption(golden) -> None:
     got = greedy(engine, prompts)
     assert engine.scheduler.num_preemptions > 0
     assert_matches(got, refs, tops)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_greedy_under_priority_pauses_and_evictions(golden, monkeypatch) -> None:
+    """Worse priorities first, better ones arriving while the batch is full, in a cache too small for
+    all: sequences are paused (KV kept), paused ones give their blocks up, running ones are recomputed;
+    every output still matches transformers."""
+    path, prompts, refs, tops, _ = golden
+    engine = make_engine(path, kv_cache_memory_gb=20 * 2 * 2 * 16 * 2 * 16 * 4 / 2**30, max_model_len=256,
+                         max_num_seqs=4, enable_prefix_caching=False)
+    calls = {"_pause": 0, "_evict_paused": 0, "_preempt": 0}
+    for name in calls:
+        original = getattr(engine.scheduler, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(engine.scheduler, name, counted)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    arrivals = sorted(range(len(prompts)), key=lambda i: -(i % 3))     # priority 2 first, then 1, then 0
+    while arrivals or engine.has_unfinished_requests():
+        for _ in range(2 if arrivals else 0):                             # two arrivals per step
+            i = arrivals.pop(0)
+            engine.add_request(str(i), prompts[i], params, priority=i % 3)
+        for out in engine.step():
+            got[int(out.request_id)].extend(out.token_ids)
+    assert calls["_pause"] > 0 and calls["_evict_paused"] > 0 and calls["_preempt"] > 0, calls
+    assert_matches([got[i] for i in range(len(prompts))], refs, tops)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
