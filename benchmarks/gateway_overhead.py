@@ -16,6 +16,7 @@ and after the timed part. Medians over --repeat.
   python benchmarks/gateway_overhead.py [--repeat 3] [--requests 1000]
   python benchmarks/gateway_overhead.py --server-python /tmp/venv/bin/python   # e.g. with httptools+uvloop
   python benchmarks/gateway_overhead.py --litellm /tmp/litellm-venv/bin/litellm  # LiteLLM's proxy beside
+  python benchmarks/gateway_overhead.py --raw-floor        # + a uvloop/httptools byte relay: Python's least
   python benchmarks/gateway_overhead.py --profile cprofile|py-spy                # where a request goes
 
 Last line of stdout: one JSON object.
@@ -170,12 +171,70 @@ uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=Fa
 """
 
 
-def start_floor(python: str, upstream_port: int, work: Path, label: str) -> Target:
+# the least a Python proxy costs: uvloop + httptools both ways, a pool of upstream connections, the body
+# relayed chunk by chunk (chunked encoding); no framework, no validation, nothing of the gateway
+RAW_FLOOR_APP = """
+import asyncio, sys, httptools, uvloop
+port, upstream_port = int(sys.argv[1]), int(sys.argv[2])
+idle = []
+
+class Upstream(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.sink = transport, None
+    def start(self, body, sink):
+        self.sink, self.parser = sink, httptools.HttpResponseParser(self)
+        self.transport.write(b"POST /v1/chat/completions HTTP/1.1\\r\\nHost: upstream\\r\\n"
+                             b"Content-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_headers_complete(self):
+        self.sink.head(self.parser.get_status_code())
+    def on_body(self, data):
+        self.sink.body(data)
+    def on_message_complete(self):
+        sink, self.sink = self.sink, None
+        idle.append(self)
+        sink.done()
+
+class Client(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.parser, self.parts = transport, httptools.HttpRequestParser(self), []
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_body(self, data):
+        self.parts.append(data)
+    def on_message_complete(self):
+        body, self.parts = b"".join(self.parts), []
+        asyncio.ensure_future(self.forward(body))
+    async def forward(self, body):
+        up = idle.pop() if idle else (await asyncio.get_running_loop().create_connection(
+            Upstream, "127.0.0.1", upstream_port))[1]
+        up.start(body, self)
+    def head(self, status):
+        self.transport.write(b"HTTP/1.1 %d OK\\r\\ncontent-type: text/event-stream\\r\\n"
+                             b"transfer-encoding: chunked\\r\\n\\r\\n" % status)
+    def body(self, data):
+        self.transport.write(b"%x\\r\\n%s\\r\\n" % (len(data), data))
+    def done(self):
+        self.transport.write(b"0\\r\\n\\r\\n")
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
+    await server.serve_forever()
+
+uvloop.run(main())
+"""
+
+
+def start_floor(python: str, upstream_port: int, work: Path, label: str, raw: bool = False) -> Target:
     port = free_port()
-    log = work / f"floor-{label}.log"
-    proc = spawn([python, "-c", FLOOR_APP, str(port), f"http://127.0.0.1:{upstream_port}/v1"], log)
-    wait_http(port, proc, "floor proxy", log)
-    return Target(f"floor {label}", port, proc, log=log)
+    kind = "raw-floor" if raw else "floor"
+    log = work / f"{kind}-{label}.log"
+    args = [RAW_FLOOR_APP, str(port), str(upstream_port)] if raw else \
+        [FLOOR_APP, str(port), f"http://127.0.0.1:{upstream_port}/v1"]
+    proc = spawn([python, "-c", *args], log)
+    wait_http(port, proc, f"{kind} proxy", log)
+    return Target(f"{kind} {label}", port, proc, log=log)
 
 
 def start_litellm(binary: str, upstream_port: int, work: Path) -> Target:
@@ -483,6 +542,9 @@ def main() -> int:
                          "httptools+uvloop); default: this one")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the floor: a bare FastAPI + httpx passthrough proxy on the same interpreter")
+    ap.add_argument("--raw-floor", action="store_true",
+                    help="also measure a raw floor: a uvloop + httptools byte relay with no framework (the least "
+                         "a Python proxy costs; needs httptools and uvloop in that interpreter)")
     ap.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` CLI: measure its proxy too")
     ap.add_argument("--profile", choices=["cprofile", "py-spy"], default=None,
                     help="profile the gateway at concurrency 1 after (or, with --profile-only, instead of) "
@@ -517,6 +579,9 @@ def main() -> int:
                 if args.floor:
                     targets.append(start_floor(python, upstream_port, work, slug))
                     targets[-1].name = f"floor {label}"
+                if args.raw_floor:
+                    targets.append(start_floor(python, upstream_port, work, slug, raw=True))
+                    targets[-1].name = f"raw floor {label}"
                 targets.append(start_seekserve(python, upstream_port, work, slug))
                 targets[-1].name = f"seekserve {label}"
             if args.litellm:
