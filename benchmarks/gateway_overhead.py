@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import ROOT, free_port, spawn, stop, wait_http  # noqa: E402  (benchmarks/ is not a package)
+from _server import ROOT, free_port, spawn, stop, wait_http  # benchmarks/ is not a package
 
 TARGET_ADDED_P50_MS, TARGET_CPU_MS = 1.0, 1.0
 # the figures for LiteLLM's proxy on this machine, measured the same way (quoted, not measured here)

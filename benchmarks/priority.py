@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import ServerProcess, serving_process  # noqa: E402  (benchmarks/ is not a package)
+from _server import ServerProcess, serving_process  # benchmarks/ is not a package
 
 PROMPT = "Add the numbers and explain the steps: 1234 + 5678 ="
 
