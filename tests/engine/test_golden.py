@@ -122,6 +122,23 @@ def test_greedy_with_small_prefill_chunks(golden) -> None:
     assert_matches(greedy(engine, prompts), refs, tops)
 
 
+def test_small_chunks_are_attended_row_wise(llama_path) -> None:
+    """A chunk of <= ROWWISE_CHUNK_TOKENS joins the decodes: one query row per token, each seeing its causal
+    prefix in the cache (the greedy tests above check the numbers; this pins the layout)."""
+    from seekserve.engine.runner import ROWWISE_CHUNK_TOKENS, ModelRunner
+
+    engine = make_engine(llama_path, max_num_batched_tokens=7, enable_prefix_caching=False)
+    engine.add_request("a", [0, *range(3, 23)], SamplingParams(max_tokens=2, ignore_eos=True))
+    try:
+        out = engine.scheduler.schedule()
+        assert [s.num_new_tokens for s in out.scheduled] == [7] and 7 <= ROWWISE_CHUNK_TOKENS
+        _, _, meta, _ = engine.runner._prepare(ModelRunner.sampled_order(out.scheduled))
+        assert engine.runner.native and meta.prefill is None
+        assert meta.decode.num_tokens == 7 and meta.decode.kv_lens.tolist() == list(range(1, 8))
+    finally:
+        engine.abort("a")
+
+
 def test_greedy_with_prefix_cache_hits(golden) -> None:
     path, prompts, refs, tops, model = golden
     engine = make_engine(path, block_size=4)

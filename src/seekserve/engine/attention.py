@@ -20,7 +20,8 @@ from seekserve.engine.kernels import paged_decode_attention
 @dataclass
 class AttnGroup:
     num_tokens: int                 # real query tokens in this group (flat, contiguous in the batch)
-    query_index: torch.Tensor       # (B, Qmax) flat token index per padded query; pads point at token 0
+    query_index: torch.Tensor | None  # (B, Qmax) flat token index per padded query; pads point at token 0
+                                    # (None: a row-wise group for the native kernel, one query per row)
     query_valid: torch.Tensor | None  # (B, Qmax) bool, None when every query is real (decodes)
     mask: torch.Tensor | None       # (B, 1, Qmax, max_blocks * block_size) bool, True = may attend
     block_tables: torch.Tensor      # (B, max_blocks) block ids per sequence (pads: block 0, masked)
@@ -33,8 +34,9 @@ class AttnGroup:
 class AttentionMetadata:
     write_blocks: torch.Tensor      # (T,) block of each new token's key/value
     write_offsets: torch.Tensor     # (T,) offset inside that block
-    decode: AttnGroup | None        # tokens [0, decode.num_tokens)
-    prefill: AttnGroup | None       # the remaining tokens
+    decode: AttnGroup | None        # tokens [0, decode.num_tokens), one query per row: decodes (and, with the
+                                    # native kernel, the tokens of small prefill chunks)
+    prefill: AttnGroup | None       # the remaining tokens: padded prefill chunks
     block_size: int
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from seekserve.engine import kernels
 from seekserve.engine.attention import AttentionMetadata, AttnGroup
 from seekserve.engine.models.llama import LlamaForCausalLM
 from seekserve.engine.scheduler import ScheduledSeq
@@ -14,6 +15,11 @@ from seekserve.engine.scheduler import ScheduledSeq
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                        dtype: torch.dtype) -> int:
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+# prefill chunks up to this many tokens are attended token by token by the native paged kernel, beside the
+# decodes, in place: no cache gather, no padded SDPA call (about 20 fewer ops per layer in such a step)
+ROWWISE_CHUNK_TOKENS = 32
 
 
 class ModelRunner:
@@ -25,6 +31,8 @@ class ModelRunner:
         v_shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.kv_caches = [(torch.zeros(k_shape, dtype=dtype, device=device),
                            torch.zeros(v_shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+        # the native kernel reads the cache in place: decodes (and small chunks) need no mask or gather index
+        self.native = kernels.kernels_for(self.kv_caches[0][0]) is not None if cfg.num_layers else False
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
@@ -36,9 +44,11 @@ class ModelRunner:
 
     @staticmethod
     def sampled_order(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
-        """Decodes (one new token) first, then prefill chunks; the batch and the logits follow this order."""
+        """Decodes (one new token) first, then small prefill chunks, then the others; the batch and the
+        logits follow this order."""
         return ([s for s in scheduled if s.num_new_tokens == 1]
-                + [s for s in scheduled if s.num_new_tokens > 1])
+                + [s for s in scheduled if 1 < s.num_new_tokens <= ROWWISE_CHUNK_TOKENS]
+                + [s for s in scheduled if s.num_new_tokens > ROWWISE_CHUNK_TOKENS])
 
     def _prepare(self, ordered: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
                                                              torch.Tensor]:
@@ -58,16 +68,34 @@ class ModelRunner:
         cu = torch.cumsum(len_t, 0) - len_t
         positions = start_t[seq_of_token] + (torch.arange(len(ids)) - cu[seq_of_token])   # (T,)
         write_blocks = tables[seq_of_token, torch.div(positions, bs, rounding_mode="floor")]
-        num_decode = sum(1 for n in lens if n == 1)
-        # decodes are tokens [0, num_decode); prefill chunks follow
-        groups = [self._group(tables[a:b], start_t[a:b], len_t[a:b], offset=a) if b > a else None
-                  for a, b in ((0, num_decode), (num_decode, len(ordered)))]
+        # row-wise: one query row per token with its own causal key count (decodes; with the native kernel
+        # also small chunks, whose keys are all in the cache once this step's are written); then the rest
+        limit = ROWWISE_CHUNK_TOKENS if self.native else 1
+        num_rowwise = sum(1 for n in lens if n <= limit)
+        num_rows = sum(lens[:num_rowwise])
+        rows = None
+        if num_rowwise:
+            if num_rows == num_rowwise:   # decodes only: one row per sequence already
+                rows = self._rows(tables[:num_rowwise], start_t[:num_rowwise], len_t[:num_rowwise])
+            else:
+                rows = self._rows(tables[seq_of_token[:num_rows]], positions[:num_rows],
+                                  torch.ones(num_rows, dtype=torch.long))
+        rest = (self._group(tables[num_rowwise:], start_t[num_rowwise:], len_t[num_rowwise:], offset=num_rows)
+                if num_rowwise < len(ordered) else None)
         sampled_rows = [i for i, s in enumerate(ordered) if s.is_sampled]
         logits_index = (cu + len_t - 1)[sampled_rows]
         to = self.device
         meta = AttentionMetadata(write_blocks=write_blocks.to(to), write_offsets=(positions % bs).to(to),
-                                 decode=groups[0], prefill=groups[1], block_size=bs)
+                                 decode=rows, prefill=rest, block_size=bs)
         return torch.tensor(ids, dtype=torch.long).to(to), positions.to(to), meta, logits_index.to(to)
+
+    def _rows(self, tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> AttnGroup:
+        """The row-wise group (tokens [0, len(starts))): for the native kernel only tables and key counts."""
+        if not self.native:
+            return self._group(tables, starts, lens, offset=0)
+        to = self.device
+        return AttnGroup(num_tokens=int(lens.shape[0]), query_index=None, query_valid=None, mask=None,
+                         block_tables=tables.contiguous().to(to), kv_lens=(starts + lens).to(to))
 
     def _group(self, tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, offset: int) -> AttnGroup:
         """One attention call for these sequences, whose new tokens start at flat index `offset`."""
