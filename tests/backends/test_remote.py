@@ -263,6 +263,19 @@ def test_connections_are_pooled(upstream: FakeUpstream) -> None:
     assert len(upstream.requests) == 3 and upstream.num_connections == 1
 
 
+def test_upstream_cookies_are_never_kept(upstream: FakeUpstream) -> None:
+    """One client serves every tenant: a cookie set on one tenant's response must not ride on the next."""
+    upstream.push(Reply.sse(chat_chunk("hi"), chat_chunk("", finish="stop"),
+                            headers={"set-cookie": "session=tenant-a-secret; Path=/"}))
+
+    async def two(backend: RemoteBackend) -> None:
+        for _ in range(2):
+            await collect(chat())(backend)
+    run(config(upstream.url), two)
+    assert len(upstream.requests) == 2
+    assert all("cookie" not in r.headers for r in upstream.requests)
+
+
 def test_models_readiness_and_refusals(upstream: FakeUpstream) -> None:
     backend = RemoteBackend(config(upstream.url, remote=False))
     assert [(m.id, m.owned_by, m.reasoning) for m in backend.models()] == [
