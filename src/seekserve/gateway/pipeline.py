@@ -19,7 +19,8 @@ from seekserve.gateway.principal import Limits, Principal
 from seekserve.gateway.ratelimit import Decision, Lease, RateLimiter, refusal_error, scopes_for
 from seekserve.gateway.routing import RouteContext, Router
 from seekserve.gateway.sensitivity import Classification, Level, SensitivityClassifier
-from seekserve.gateway.usage import DEFAULT_PRICES, AuditEvent, Price, RecordWriter, cost_usd
+from seekserve.gateway.usage import DEFAULT_PRICES, Price, RecordWriter, cost_usd
+from seekserve.store.audit import AuditEvent
 from seekserve.store.usage import UsageRecord
 
 log = logging.getLogger("seekserve.gateway")

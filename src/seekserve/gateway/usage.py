@@ -10,12 +10,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from seekserve.store.audit import AuditLog, AuditRecord
+from seekserve.store.audit import AuditEvent, AuditLog, AuditRecord
 from seekserve.store.usage import UsageRecord, UsageStore
 
 log = logging.getLogger("seekserve.gateway.usage")
@@ -40,16 +38,6 @@ def cost_usd(price: Price | None, prompt: int, cached: int, completion: int) -> 
     if price is None:
         return 0.0
     return ((prompt - cached) * price.input + cached * price.cached_input + completion * price.output) / 1e6
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    actor: str
-    tenant: str
-    action: str
-    target: str = ""
-    status: str = "ok"
-    detail: dict[str, Any] | None = None
 
 
 Sink = Callable[[list[UsageRecord], list[AuditRecord]], None]
@@ -120,7 +108,7 @@ class RecordWriter:
                     self.usage.add_many(usage)      # idempotent by event id
                     stored = True
                 if audits is None:                  # appended once: a retry must not chain them twice
-                    audits = self.audit.append_many([e.__dict__ for e in events])
+                    audits = self.audit.append_many(events)
                 if self.on_written is not None:
                     self.on_written(usage, audits)
                 return

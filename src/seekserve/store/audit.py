@@ -92,8 +92,9 @@ def _record(row: AuditRow) -> AuditRecord:
 
 
 @dataclass(frozen=True)
-class _Event:
-    """A validated event waiting for its place in the chain."""
+class AuditEvent:
+    """Who did what, waiting for its place in the chain (validated when appended). The event id and the time
+    are fixed when it is made, so a retried append stores it once."""
     actor: str
     tenant: str
     action: str
@@ -104,14 +105,17 @@ class _Event:
     ts: datetime = field(default_factory=utcnow)
 
 
-def _event(values: Mapping[str, Any]) -> _Event:
-    unknown = set(values) - _EVENT_KEYS
-    if unknown:
-        raise ValueError(f"unknown audit event fields: {sorted(unknown)}")
-    missing = {"actor", "tenant", "action"} - {k for k, v in values.items() if v is not None}
-    if missing:
-        raise ValueError(f"audit event lacks {sorted(missing)}")
-    event = _Event(**{k: v for k, v in values.items() if v is not None})
+def _event(values: AuditEvent | Mapping[str, Any]) -> AuditEvent:
+    if isinstance(values, AuditEvent):
+        event = values
+    else:
+        unknown = set(values) - _EVENT_KEYS
+        if unknown:
+            raise ValueError(f"unknown audit event fields: {sorted(unknown)}")
+        missing = {"actor", "tenant", "action"} - {k for k, v in values.items() if v is not None}
+        if missing:
+            raise ValueError(f"audit event lacks {sorted(missing)}")
+        event = AuditEvent(**{k: v for k, v in values.items() if v is not None})
     for name, limit in _TEXT_LIMITS.items():
         if name != "site":
             check_text(getattr(event, name), name, limit, empty=name == "target")
@@ -138,9 +142,9 @@ class AuditLog:
         return self.append_many([{"actor": actor, "tenant": tenant, "action": action, "target": target,
                                   "status": status, "detail": detail, "event_id": event_id, "ts": ts}])[0]
 
-    def append_many(self, events: Sequence[Mapping[str, Any]]) -> list[AuditRecord]:
-        """Chain several events in one transaction, in list order. Each event is a mapping with actor,
-        tenant, action and optionally target, status, detail, event_id, ts."""
+    def append_many(self, events: Sequence[AuditEvent | Mapping[str, Any]]) -> list[AuditRecord]:
+        """Chain several events in one transaction, in list order. Each event is an AuditEvent or a mapping
+        with actor, tenant, action and optionally target, status, detail, event_id, ts."""
         pending = [_event(values) for values in events]
         if not pending:
             return []
@@ -165,7 +169,7 @@ class AuditLog:
                     done[record.event_id] = replace(record, seq=seq)
             return [done[event.event_id] for event in pending]
 
-    def _chained(self, event: _Event, prev_hash: str) -> AuditRecord:
+    def _chained(self, event: AuditEvent, prev_hash: str) -> AuditRecord:
         record = AuditRecord(event_id=event.event_id, site=self.site, ts=event.ts, actor=event.actor,
                              tenant=event.tenant, action=event.action, target=event.target,
                              status=event.status, detail=event.detail, prev_hash=prev_hash, hash="")

@@ -15,7 +15,7 @@ from seekserve.api.context import AppContext, Context, requires
 from seekserve.api.errors import APIError
 from seekserve.gateway.principal import Limits, Principal, Role, Tier
 from seekserve.gateway.rbac import Permission, check_can_grant
-from seekserve.gateway.usage import AuditEvent
+from seekserve.store.audit import AuditEvent
 from seekserve.store.keys import KeyStoreError, parse_duration
 
 router = APIRouter(prefix="/admin/keys", tags=["admin"])
