@@ -422,6 +422,17 @@ def test_min_tokens_beyond_the_context_left_is_a_400(chat_model: Path) -> None:
         assert_serving(c)
 
 
+@pytest.mark.parametrize("ids", [[-220], [384181], [5, -1, 7]])
+def test_echo_of_out_of_vocab_token_ids_is_a_400(chat_model: Path, ids: list[int]) -> None:
+    """Found by the fuzz test: `echo` decoded a token-id prompt before the engine checked its ids, and the
+    tokenizer's OverflowError on a negative id was a 500."""
+    with running_server(chat_model, served_model_name=[MODEL], max_sequence_length=MAX_LEN) as (base, _, _), \
+            httpx.Client(base_url=base, timeout=30) as c:
+        r = c.post(COMPLETIONS, json={"model": MODEL, "prompt": ids, "max_tokens": 2, "echo": True})
+        assert_error(r, 400, "invalid_request_error", "invalid_value", "prompt")
+        assert_serving(c)
+
+
 def test_out_of_vocab_stop_token_ids_with_min_tokens(chat_model: Path) -> None:
     with running_server(chat_model, served_model_name=[MODEL], max_sequence_length=MAX_LEN) as (base, _, _), \
             httpx.Client(base_url=base, timeout=30) as c:

@@ -37,6 +37,10 @@ class LocalBackend:
         return self.async_engine.is_alive
 
     def detokenize(self, token_ids: list[int]) -> str:
+        try:   # ids outside the vocabulary are the client's mistake (the tokenizer would overflow: a 500)
+            self.engine.check_token_ids(token_ids)
+        except InvalidRequestError as e:
+            raise BackendError(e.message, status=400, param=e.param, code="invalid_value") from None
         return self.engine.tokenizer.decode(token_ids)
 
     def stats(self):

@@ -162,20 +162,25 @@ class LLMEngine:
             raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt")
         if not ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
-        vocab = self.arch.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        self.check_token_ids(ids)
         max_len = self.resolved.max_model_len
         if len(ids) >= max_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens, but this model's context is {max_len} "
                                       "tokens (the prompt must leave room for at least one output token)",
                                       param="prompt")
+        vocab = self.arch.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise InvalidRequestError(f"logprobs must be at most {self.config.max_logprobs}", param="logprobs")
         salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt
         return PreparedRequest(request_id, ids, params, priority, salt)
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """Raises InvalidRequestError unless every id is in this model's vocabulary."""
+        vocab = self.arch.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
 
     def add_prepared(self, req: PreparedRequest) -> None:
         if req.request_id in self._requests:
