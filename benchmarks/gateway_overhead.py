@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -505,7 +506,9 @@ async def profile(args: argparse.Namespace, upstream: Target, work: Path) -> Non
                     "--nonblocking", "--output", str(raw), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 await asyncio.sleep(1.0)
                 await run_phase(target, upstream.proc, stream, args.profile_concurrency, args.profile_requests, 0)
-                spy.send_signal(signal.SIGINT)
+                if spy.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):   # it may have ended by itself
+                        spy.send_signal(signal.SIGINT)
                 _, err = await asyncio.wait_for(spy.communicate(), 30)
                 if not raw.exists():
                     raise RuntimeError(f"py-spy wrote nothing: {err.decode()[-1000:]}")

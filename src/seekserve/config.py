@@ -64,6 +64,8 @@ class UpstreamSettings(_Strict):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(60.0, gt=0)
     max_connections: int = Field(100, ge=1)
+    ca_file: str | None = None      # PEM roots for an upstream behind an internal CA (default: certifi's)
+    proxy: SecretStr | None = None  # http://[user:pass@]host:port (default: HTTPS_PROXY/HTTP_PROXY/NO_PROXY)
     remote: bool = True             # data leaves the domain: never used for sensitive requests
 
 

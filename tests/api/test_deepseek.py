@@ -80,7 +80,11 @@ def test_metrics_names(chat_model) -> None:
     with running_server(chat_model) as (base, _, _):
         c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         c.completions.create(model=chat_model.name, prompt="Hello", max_tokens=3)
-        c.completions.create(model=chat_model.name, prompt="Hello", max_tokens=3, stream=True).close()
+        # a stream the client leaves early is no success (long enough to outlive the disconnect watch)
+        stream = c.completions.create(model=chat_model.name, prompt="Hello", max_tokens=250, stream=True,
+                                      extra_body={"ignore_eos": True})
+        next(iter(stream))
+        stream.close()
         text = httpx.get(f"{base}/metrics").text
     for name in ("seekserve:time_to_first_token_seconds_bucket", "seekserve:e2e_request_latency_seconds_count",
                  "seekserve:inter_token_latency_seconds_count", "seekserve:num_requests_running",

@@ -85,7 +85,7 @@ def assert_serving(client: httpx.Client) -> None:
 
 # -- 400 ------------------------------------------------------------------------------------------------
 
-INVALID_JSON = "We could not parse the JSON body of your request: it is not valid JSON."
+INVALID_JSON = "We could not parse the JSON body of your request: it is not valid JSON ("   # + where
 
 
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
@@ -93,13 +93,14 @@ INVALID_JSON = "We could not parse the JSON body of your request: it is not vali
                                  b"{'model': 'tiny-chat'}"])
 def test_malformed_json_is_400(http: httpx.Client, path: str, raw: bytes) -> None:
     r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
-    assert_error(r, 400, "invalid_request_error", "invalid_json", message=INVALID_JSON)
+    message = assert_error(r, 400, "invalid_request_error", "invalid_json")
+    assert message.startswith(INVALID_JSON) and " at line 1 column " in message
 
 
 def test_malformed_json_whatever_the_content_type(http: httpx.Client) -> None:
     # curl -d sends application/x-www-form-urlencoded: the body is still parsed as JSON
     r = http.post(CHAT, content=b"model=tiny-chat", headers={"Content-Type": "application/x-www-form-urlencoded"})
-    assert_error(r, 400, "invalid_request_error", "invalid_json", message=INVALID_JSON)
+    assert assert_error(r, 400, "invalid_request_error", "invalid_json").startswith(INVALID_JSON)
     ok = http.post(CHAT, content=json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 1}),
                    headers={"Content-Type": "text/plain"})
     assert ok.status_code == 200, ok.text
@@ -311,7 +312,7 @@ def test_chunked_body_over_the_limit_is_413(small_http: httpx.Client) -> None:
     r = small_http.post(CHAT, content=chunked(stream, 7))
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
     r = small_http.post(CHAT, content=chunked(b'{"model": "tiny', 5))
-    assert_error(r, 400, "invalid_request_error", "invalid_json", message=INVALID_JSON)
+    assert assert_error(r, 400, "invalid_request_error", "invalid_json").startswith(INVALID_JSON)
     assert_serving(small_http)
 
 
@@ -345,7 +346,7 @@ def test_body_that_is_not_an_object_is_422(http: httpx.Client) -> None:
         assert r.status_code == 422, (raw, r.text)
         assert_error(r, 422, "invalid_request_error", "invalid_value")
     assert_error(http.post(CHAT, content=b""), 422, "invalid_request_error", "invalid_value",
-                 message="Field required")
+                 message="The request body is empty: send a JSON object.")
     assert_serving(http)
 
 
@@ -406,7 +407,8 @@ def test_huge_inputs_get_a_clear_4xx(http: httpx.Client) -> None:
     assert_error(r, 400, "invalid_request_error", "context_length_exceeded", "messages")
     # nesting deeper than the JSON parser's recursion limit
     r = timed(CHAT, content=b'{"model": "tiny-chat", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
-    assert_error(r, 400, "invalid_request_error", None, message="There was an error parsing the body")
+    message = assert_error(r, 400, "invalid_request_error", "invalid_json")
+    assert "recursion limit exceeded" in message
     assert_serving(http)
 
 

@@ -4,11 +4,13 @@ right status. A client mistake is never a 500: bad JSON -> 400, wrong types -> 4
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seekserve.backends.base import BackendError
@@ -47,8 +49,8 @@ def error_response(status: int, message: str, **kw: Any) -> JSONResponse:
     return APIError(status, message, **kw).response()
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """pydantic's errors for a request body -> 400 (not JSON) or 422 (naming the first bad field)."""
     if any(e.get("type") == "json_invalid" for e in errors):
         return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.",
                         code="invalid_json")
@@ -61,31 +63,25 @@ def _validation_error(exc: RequestValidationError) -> APIError:
                     code="invalid_value")
 
 
+def as_api_error(exc: Exception, where: str) -> APIError:
+    """Any failure of a request -> the error its client sees; an unexpected one is logged and is a 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackendError):
+        return APIError.from_backend(exc)
+    if isinstance(exc, GatewayError):
+        return APIError(exc.status, exc.message, exc.param, exc.code, exc.error_type, exc.headers)
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, exc.message, param=exc.param, code="invalid_value")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"the model engine is not running: {exc}", code="engine_unavailable")
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return validation_error(exc.errors())
+    log.error("unexpected error on %s", where, exc_info=exc)
+    return APIError(500, "The server had an error while processing your request.", code="internal_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(BackendError)
-    async def _backend(_: Request, exc: BackendError) -> JSONResponse:
-        return APIError.from_backend(exc).response()
-
-    @app.exception_handler(GatewayError)
-    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
-        return APIError(exc.status, exc.message, exc.param, exc.code, exc.error_type, exc.headers).response()
-
-    @app.exception_handler(InvalidRequestError)
-    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
-        return error_response(400, exc.message, param=exc.param, code="invalid_value")
-
-    @app.exception_handler(EngineDeadError)
-    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, f"the model engine is not running: {exc}", code="engine_unavailable")
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
-
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
@@ -95,7 +91,9 @@ def install_error_handlers(app: FastAPI) -> None:
                                   code="method_not_allowed", headers=dict(exc.headers or {}))
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "The server had an error while processing your request.", code="internal_error")
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        return as_api_error(exc, f"{request.method} {request.url.path}").response()
+
+    for kind in (APIError, BackendError, GatewayError, InvalidRequestError, EngineDeadError, RequestValidationError,
+                 Exception):
+        app.add_exception_handler(kind, _any)

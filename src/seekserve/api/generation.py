@@ -1,5 +1,5 @@
 """Shared by the chat and completion routes: request -> SamplingParams, running backend streams (several
-prompts merged, disconnects watched, timings recorded), and DeepSeek/OpenAI usage objects."""
+prompts merged, timings recorded), and DeepSeek/OpenAI usage objects."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
-
 from seekserve.api.errors import APIError
 from seekserve.api.metrics import ServerMetrics
 from seekserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from seekserve.backends.base import Chunk
 from seekserve.engine.params import SamplingParams
+from seekserve.metric_children import child
 
 
 def request_id(prefix: str) -> str:
@@ -103,21 +102,22 @@ class RequestTimer:
 
     def tokens(self, chunk: Chunk) -> None:
         if chunk.finish_reason:
-            self.metrics.request_success.labels(self.model, chunk.finish_reason).inc()
+            child(self.metrics.request_success, self.model, chunk.finish_reason).inc()
         # remote backends and cache hits carry text but no token ids: their first text is the first token
         if not (chunk.token_ids or chunk.text or chunk.reasoning_text):
             return
         now = time.perf_counter()
         if self.last is None:
-            self.metrics.ttft.labels(self.model).observe(now - self.start)
+            child(self.metrics.ttft, self.model).observe(now - self.start)
         elif chunk.token_ids:
-            self.metrics.itl.labels(self.model).observe((now - self.last) / len(chunk.token_ids))
+            child(self.metrics.itl, self.model).observe((now - self.last) / len(chunk.token_ids))
         self.last = now
-        self.metrics.generation_tokens.labels(self.model).inc(len(chunk.token_ids))
+        if chunk.token_ids:
+            child(self.metrics.generation_tokens, self.model).inc(len(chunk.token_ids))
 
     def done(self, usage: UsageTracker) -> None:
-        self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)
-        self.metrics.prompt_tokens.labels(self.model).inc(sum(p for p, _ in usage.prompt.values()))
+        child(self.metrics.e2e, self.model).observe(time.perf_counter() - self.start)
+        child(self.metrics.prompt_tokens, self.model).inc(sum(p for p, _ in usage.prompt.values()))
 
 
 async def merge(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -158,20 +158,3 @@ async def merge(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int,
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-
-
-async def collect_or_abort(request: Request, source: AsyncIterator[tuple[int, Chunk]]
-                           ) -> list[tuple[int, Chunk]]:
-    """Gather a non-streamed response; if the client goes away first, stop (aborting the engine work)."""
-    async def gather() -> list[tuple[int, Chunk]]:
-        return [item async for item in source]
-
-    task = asyncio.create_task(gather())
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.5)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise APIError(499, "client closed the request", code="client_closed_request")
-    return task.result()

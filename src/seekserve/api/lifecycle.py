@@ -11,6 +11,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seekserve.api.metrics import ServerMetrics
+from seekserve.metric_children import child
 
 # routes answered even while draining (probes and scrapes)
 ALWAYS_OPEN = ("/health", "/ready", "/metrics")
@@ -78,12 +79,10 @@ class LifecycleMiddleware:
                                 [(b"retry-after", b"1"), (b"connection", b"close")]):
                     await send_counted(m)
                 return
-            declared = dict(scope.get("headers") or []).get(b"content-length")
+            declared = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await self._too_large(send_counted)
                 return
-            if method == "POST":
-                scope = _as_json(scope)
             tracked = not path.startswith(ALWAYS_OPEN)
             if tracked:
                 self.state.enter()
@@ -104,7 +103,7 @@ class LifecycleMiddleware:
                 if tracked:
                     self.state.leave()
         finally:
-            self.metrics.http_requests.labels(method, _route_label(path), str(status["code"])).inc()
+            child(self.metrics.http_requests, method, _route_label(path), str(status["code"])).inc()
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0
@@ -153,7 +152,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _as_json(scope: Scope) -> Scope:
+def as_json(scope: Scope) -> Scope:
     """Bodies are JSON whatever the Content-Type says (`curl -d` sends form-urlencoded)."""
     headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
     return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}

@@ -60,6 +60,9 @@ class Chunk:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     num_reasoning_tokens: int = 0
+    # a transport hint: the next chunk of this stream is already here (decoded from the same network read),
+    # so the API may write the two in one go
+    more_ready: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The remote backend: any OpenAI-compatible upstream (DeepSeek cloud, vLLM, SGLang, Ollama) over pooled
-HTTP/1.1. Streams pass through chunk by chunk; upstream failures become BackendErrors that name the
-upstream and never carry our API key, which is read once at start-up and never logged."""
+HTTP/1.1 (`http1.ConnectionPool`). Streams pass through chunk by chunk; upstream failures become BackendErrors
+that name the upstream and never carry our API key, which is read once at start-up and never logged."""
 
 from __future__ import annotations
 
@@ -9,15 +9,23 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+from pydantic_core import to_json
 
 from seekserve.backends.base import BackendError, Chunk, GenerationRequest, ModelInfo
+from seekserve.backends.http1 import (
+    ConnectFailed,
+    ConnectionPool,
+    ConnectTimedOut,
+    HTTPClientError,
+    ReadTimedOut,
+    Response,
+)
 from seekserve.backends.sse import EventStreamDecoder
 from seekserve.engine.params import SamplingParams
 
@@ -46,6 +54,8 @@ class RemoteBackendConfig:
     read_timeout: float = 60.0          # the longest gap between two reads (reasoning models pause long)
     max_connections: int = 100
     extra_headers: dict[str, str] = field(default_factory=dict, repr=False)   # may hold credentials
+    ca_file: str | None = None          # PEM roots for an upstream behind an internal CA (default: certifi's)
+    proxy: str | None = field(default=None, repr=False)     # http://[user:pass@]host:port; default: from env
     remote: bool = True         # data leaves our domain (routing never sends sensitive requests here)
 
     def __post_init__(self) -> None:
@@ -108,49 +118,27 @@ def upstream_body(request: GenerationRequest, upstream_model: str) -> dict[str, 
     return body
 
 
-class _NoCookies(httpx.Cookies):
-    """A jar that keeps nothing."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
-        return None
-
-
-class _UpstreamClient(httpx.AsyncClient):
-    """httpx's pooled client without a cookie jar: one client serves every tenant, so a cookie set on one
-    tenant's response must never ride on another's request (parsing Set-Cookie into a jar also cost about
-    a tenth of a millisecond per request)."""
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return _NoCookies()
-
-    @cookies.setter
-    def cookies(self, value: object) -> None:
-        return None
-
-
 class RemoteBackend:
-    """The Backend protocol over one upstream; one pooled httpx client shared by all requests."""
+    """The Backend protocol over one upstream; one connection pool shared by all requests."""
 
     def __init__(self, config: RemoteBackendConfig) -> None:
         self.config = config
         self._models = {m.alias: m for m in config.models}
         self._base = config.base_url.rstrip("/")
         self._secret = read_api_key(config)
-        headers = {"User-Agent": "seekserve", **config.extra_headers}
+        headers = {"User-Agent": "seekserve", "Accept": "text/event-stream", **config.extra_headers}
         if self._secret:
             headers["Authorization"] = f"Bearer {self._secret}"
             url = urlsplit(self._base)
             if url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("upstream %s is plain http: its API key crosses the network unencrypted", config.name)
-        timeout = httpx.Timeout(connect=config.connect_timeout, read=config.read_timeout,
-                                write=config.read_timeout, pool=config.connect_timeout)
-        limits = httpx.Limits(max_connections=config.max_connections,
-                              max_keepalive_connections=config.max_connections)
-        self._client = _UpstreamClient(headers=headers, timeout=timeout, limits=limits, http1=True, http2=False)
+        # no cookie jar: one pool serves every tenant, so a cookie set on one tenant's answer must never ride
+        # on another's request
+        self._pool = ConnectionPool(self._base, connect_timeout=config.connect_timeout,
+                                    read_timeout=config.read_timeout, max_connections=config.max_connections,
+                                    headers=headers, ca_file=config.ca_file, proxy=config.proxy)
+        self._paths = {kind: urlsplit(f"{self._base}/{path}").path
+                       for kind, path in (("chat", "chat/completions"), ("completion", "completions"))}
 
     def __repr__(self) -> str:
         return (f"RemoteBackend(name={self.config.name!r}, base_url={self._base!r}, "
@@ -173,19 +161,17 @@ class RemoteBackend:
         if model is None:
             raise BackendError(f"the model '{request.model}' is not served by the upstream {self.config.name}",
                                status=404, param="model", code="model_not_found", error_type="not_found_error")
-        path = "chat/completions" if request.kind == "chat" else "completions"
-        http_request = self._client.build_request("POST", f"{self._base}/{path}",
-                                                  json=upstream_body(request, model.upstream),
-                                                  headers={"X-Request-Id": request.request_id})
+        body = to_json(upstream_body(request, model.upstream))
         try:
-            response = await self._client.send(http_request, stream=True)
-        except httpx.TransportError as e:
+            response = await self._pool.post(self._paths[request.kind], body,
+                                             {"X-Request-Id": request.request_id})
+        except HTTPClientError as e:
             raise transport_error(self.config.name, e, mid_stream=False, retryable=True) from e
-        if not 200 <= response.status_code < 300:
-            log.warning("upstream %s answered HTTP %d to %s", self.config.name, response.status_code,
+        if not 200 <= response.status < 300:
+            log.warning("upstream %s answered HTTP %d to %s", self.config.name, response.status,
                         request.request_id)
             raw = await _read_capped(response)
-            raise status_error(self.config.name, response.status_code, raw, response.headers, self._secret)
+            raise status_error(self.config.name, response.status, raw, response.headers, self._secret)
         if response.headers.get("content-type", "").startswith("application/json"):
             raw = await _read_capped(response)   # an error wrapped in a 200, or streaming ignored
             message = _scrub(_upstream_error(raw)[0], self._secret)
@@ -194,22 +180,22 @@ class RemoteBackend:
         return RemoteStream(response, self._chunks(response, request.params.n))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _chunks(self, response: httpx.Response, n: int) -> AsyncGenerator[Chunk, None]:
+    async def _chunks(self, response: Response, n: int) -> AsyncGenerator[Chunk, None]:
         decoder = EventStreamDecoder(self.config.name, n)
         yielded = False
         try:
-            async for raw in response.aiter_bytes():
+            async for raw in response:
                 if decoder.done:
                     continue    # read to the end, so the connection goes back to the pool
-                for chunk in decoder.feed(raw):
+                for chunk in _marked(decoder.feed(raw)):
                     yielded = True
                     yield chunk
             for chunk in decoder.end():
                 yield chunk
-        except httpx.TransportError as e:
+        except HTTPClientError as e:
             if decoder.done:    # everything was delivered; only the tail of the body went missing
                 log.debug("upstream %s: the end of a finished stream failed: %r", self.config.name, e)
                 return
@@ -219,11 +205,29 @@ class RemoteBackend:
             await response.aclose()
 
 
+def _marked(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The chunks of one network read, each but the last marked `more_ready`. A bad event raises only after
+    the chunks decoded before it went out."""
+    held: Chunk | None = None
+    try:
+        for chunk in chunks:
+            if held is not None:
+                held.more_ready = True
+                yield held
+            held = chunk
+    except BackendError:
+        if held is not None:
+            yield held
+        raise
+    if held is not None:
+        yield held
+
+
 class RemoteStream:
     """The chunks of one upstream response. `aclose()` (a client disconnect) closes the upstream
     connection at once, even when no chunk was read yet."""
 
-    def __init__(self, response: httpx.Response, chunks: AsyncGenerator[Chunk, None]) -> None:
+    def __init__(self, response: Response, chunks: AsyncGenerator[Chunk, None]) -> None:
         self._response, self._chunks = response, chunks
 
     def __aiter__(self) -> RemoteStream:
@@ -237,7 +241,7 @@ class RemoteStream:
         await self._response.aclose()
 
 
-def status_error(upstream: str, status: int, raw: bytes, headers: httpx.Headers,
+def status_error(upstream: str, status: int, raw: bytes, headers: Mapping[str, str],
                  secret: str | None) -> BackendError:
     """An upstream's non-2xx answer -> the error our client sees (docs/hybrid.md has the table)."""
     message, param, code = _upstream_error(raw)
@@ -270,35 +274,28 @@ def status_error(upstream: str, status: int, raw: bytes, headers: httpx.Headers,
                         code="upstream_error", error_type="server_error", retryable=retryable)
 
 
-def transport_error(upstream: str, e: httpx.TransportError, mid_stream: bool, retryable: bool) -> BackendError:
+def transport_error(upstream: str, e: HTTPClientError, mid_stream: bool, retryable: bool) -> BackendError:
     """A network failure -> BackendError: 503 when no connection, 504 on a read timeout, else 502."""
-    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
-                      httpx.ProxyError)):
-        return BackendError(f"the upstream {upstream} is unreachable ({type(e).__name__})", status=503,
+    if isinstance(e, ConnectFailed):
+        what = "timed out connecting" if isinstance(e, ConnectTimedOut) else "failed to connect"
+        return BackendError(f"the upstream {upstream} is unreachable ({what}: {e})", status=503,
                             code="upstream_unavailable", error_type="service_unavailable_error",
                             retryable=retryable)
-    if isinstance(e, httpx.TimeoutException):
-        when = "mid-stream" if mid_stream else "before answering"
+    when = "mid-stream" if mid_stream else "before answering"
+    if isinstance(e, ReadTimedOut):
         return BackendError(f"the upstream {upstream} timed out {when}", status=504, code="upstream_timeout",
                             error_type="server_error", retryable=retryable)
-    when = "mid-stream" if mid_stream else "before answering"
     return BackendError(f"the upstream {upstream} closed the connection {when} ({type(e).__name__})",
                         status=502, code="upstream_error", error_type="server_error", retryable=retryable)
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: Response) -> bytes:
     """The start of a (small) error body, then the response closed."""
-    buf = bytearray()
     try:
-        async for part in response.aiter_bytes():
-            buf += part
-            if len(buf) >= MAX_ERROR_BODY:
-                break
-    except httpx.TransportError as e:   # the status alone still says what happened
+        return await response.read(MAX_ERROR_BODY)
+    except HTTPClientError as e:   # the status alone still says what happened
         log.debug("could not read an upstream error body: %r", e)
-    finally:
-        await response.aclose()
-    return bytes(buf[:MAX_ERROR_BODY])
+        return b""
 
 
 def _upstream_error(raw: bytes) -> tuple[str, str | None, str | None]:

@@ -4,17 +4,17 @@ until the usage numbers arrive, so the last chunk of every choice carries them).
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from pydantic_core import from_json
 
 from seekserve.backends.base import BackendError, Chunk, LogprobEntry
 
 MAX_LINE_BYTES = 16 << 20     # a line this long without an end is a broken upstream, not a big answer
 
 
-@dataclass(frozen=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
     data: str
     event: str = "message"
 
@@ -31,6 +31,21 @@ class SSEParser:
     def feed(self, raw: bytes) -> list[SSEEvent]:
         self._buf += raw
         events: list[SSEEvent] = []
+        if b"\r" not in self._buf:     # the usual LF-only stream: split all complete lines at once
+            cut = self._buf.rfind(b"\n")
+            if cut != -1:   # a multi-byte character never contains LF, so the complete part decodes whole
+                text = self._buf[:cut].decode("utf-8", errors="replace")
+                del self._buf[:cut + 1]
+                data = self._data
+                for line in text.split("\n"):
+                    if line.startswith("data: "):     # nearly every line: handled here, not in _line
+                        data.append(line[6:])
+                    elif line or data:
+                        self._line(line, events)
+                        data = self._data
+                    else:
+                        self._event = ""
+            return events
         start = 0
         while True:
             end = _line_end(self._buf, start)
@@ -90,41 +105,40 @@ class EventStreamDecoder:
         self.parser, self.translator = SSEParser(), ChunkTranslator(upstream, n)
         self.done = False
 
-    def feed(self, raw: bytes) -> list[Chunk]:
-        chunks = self._events(self.parser.feed(raw))
+    def feed(self, raw: bytes) -> Iterator[Chunk]:
+        """The chunks these bytes complete, one by one: those decoded before a bad event are delivered
+        before its error is raised."""
+        yield from self._events(self.parser.feed(raw))
         if self.parser.num_pending_bytes > MAX_LINE_BYTES:
             raise BackendError(f"the upstream {self.upstream} sent a line of over {MAX_LINE_BYTES} bytes",
                                status=502, code="upstream_error", error_type="server_error")
-        return chunks
 
-    def end(self) -> list[Chunk]:
+    def end(self) -> Iterator[Chunk]:
         """The input ended: a stream without [DONE] is fine (some servers omit it) if every choice ended."""
-        chunks = self._events(self.parser.close())
+        yield from self._events(self.parser.close())
         if self.done:
-            return chunks
+            return
         if not self.translator.all_finished:
             raise BackendError(f"the upstream {self.upstream} ended the stream before the completion finished",
                                status=502, code="upstream_error", error_type="server_error")
-        return chunks + self.translator.flush()
+        yield from self.translator.flush()
 
-    def _events(self, events: list[SSEEvent]) -> list[Chunk]:
-        chunks: list[Chunk] = []
+    def _events(self, events: list[SSEEvent]) -> Iterator[Chunk]:
         for event in events:
             if self.done:
                 break
             if event.data.strip() == "[DONE]":
                 self.done = True
-                chunks += self.translator.flush()
+                yield from self.translator.flush()
                 break
             try:
-                obj = json.loads(event.data)
+                obj = from_json(event.data)     # pydantic's parser: a third of json.loads' time
             except ValueError:
                 raise BackendError(f"the upstream {self.upstream} sent an event that is not JSON", status=502,
                                    code="upstream_error", error_type="server_error") from None
             if event.event == "error" and isinstance(obj, dict) and "error" not in obj:
                 obj = {"error": obj}
-            chunks += self.translator.feed(obj)
-        return chunks
+            yield from self.translator.feed(obj)
 
 
 class ChunkTranslator:

@@ -11,6 +11,7 @@ tokens (prompt + max_tokens reserved on admission; `finish` refunds or charges t
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -73,8 +74,7 @@ class Decision:
     lease: Lease | None          # set exactly when allowed; hand it to finish()
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(NamedTuple):
     """One bucket's verdict: wait > SLACK_S means it refused; remaining/reset as they stand afterwards."""
     kind: str                    # rps | rpm | tpm | concurrency
     limit: float
@@ -97,10 +97,15 @@ class RateLimiter(Protocol):
 
 def scopes_for(principal: Principal, tenant_limits: Limits | None = None) -> list[Scope]:
     """The scopes a request is charged to: its key and, when the tenant has limits, its tenant."""
-    scopes = [Scope(f"key:{principal.subject}", principal.limits)]
+    return list(_scopes(principal.subject, principal.limits, principal.tenant, tenant_limits))
+
+
+@functools.lru_cache(maxsize=65536)     # the same few keys ask again and again; Scope checks its limits
+def _scopes(subject: str, limits: Limits, tenant: str, tenant_limits: Limits | None) -> tuple[Scope, ...]:
+    scopes = [Scope(f"key:{subject}", limits)]
     if tenant_limits is not None:
-        scopes.append(Scope(f"tenant:{principal.tenant}", tenant_limits))
-    return [s for s in scopes if s.is_limited]
+        scopes.append(Scope(f"tenant:{tenant}", tenant_limits))
+    return tuple(s for s in scopes if s.is_limited)
 
 
 def check_request(scopes: list[Scope], tokens: int) -> None:

@@ -29,6 +29,7 @@ from seekserve.gateway.resilience import (
     retry_after_header,
     retry_delay,
 )
+from seekserve.metric_children import child
 
 ROUTE_HEADER = "x-seekserve-backend"
 # the sensitivity levels by name, as gateway.sensitivity.Level numbers them (compared by value)
@@ -234,13 +235,13 @@ class Router:
         for i, name in enumerate(plan.candidates):
             result = await self._try_backend(self.entries[name], plan.rule, request, ctx.is_local_only)
             if isinstance(result, tuple):
-                self.metrics.decisions.labels(rule=plan.rule, backend=name).inc()
+                child(self.metrics.decisions, plan.rule, name).inc()
                 return name, plan.rule, self._committed(name, plan.rule, *result)
             if isinstance(result, BackendError):
                 last_error = result
                 outcome = "fallback" if i < len(plan.candidates) - 1 else "error"
-                self.metrics.requests.labels(backend=name, rule=plan.rule, outcome=outcome).inc()
-        self.metrics.decisions.labels(rule=plan.rule, backend="none").inc()
+                child(self.metrics.requests, name, plan.rule, outcome).inc()
+        child(self.metrics.decisions, plan.rule, "none").inc()
         if last_error is not None:
             raise last_error
         raise self._all_skipped(plan)
@@ -273,7 +274,7 @@ class Router:
             except Exception as e:
                 if not is_backend_fault(e):
                     breaker.release()
-                    self.metrics.requests.labels(backend=entry.name, rule=rule, outcome="error").inc()
+                    child(self.metrics.requests, entry.name, rule, "error").inc()
                     raise
                 if is_busy(e):
                     breaker.release()    # a full queue is load, not failure: fall back, keep the circuit closed
@@ -289,8 +290,8 @@ class Router:
             delay = retry_delay(error, attempt, self.retry, self._rng)
             if delay is None:
                 return error
-            self.metrics.requests.labels(backend=entry.name, rule=rule, outcome="retry").inc()
-            self.metrics.retries.labels(backend=entry.name).inc()
+            child(self.metrics.requests, entry.name, rule, "retry").inc()
+            child(self.metrics.retries, entry.name).inc()
             await self._sleep(delay)
         return error or _SKIPPED
 
@@ -308,9 +309,9 @@ class Router:
             failed = True
             if is_backend_fault(e):
                 self.breakers[name].record_failure()
-            self.metrics.requests.labels(backend=name, rule=rule, outcome="error").inc()
+            child(self.metrics.requests, name, rule, "error").inc()
             raise
         finally:
             await aclose_stream(stream)
             if not failed:    # finished, or closed early by the client: the backend did its part
-                self.metrics.requests.labels(backend=name, rule=rule, outcome="ok").inc()
+                child(self.metrics.requests, name, rule, "ok").inc()

@@ -259,7 +259,10 @@ class SensitivityClassifier:
         rows: list[tuple[int, int, str]] = []
         pii_spans: set[Span] = set()   # PII kinds share spans: the first detector listed keeps one
         for kind, find in self._detectors:
-            for span in _outermost(find(scan)):
+            found = list(find(scan))
+            if not found:       # the usual case: no sorting, no set
+                continue
+            for span in _outermost(found):
                 if span not in pii_spans:
                     pii_spans.add(span)
                     rows.append((*span, kind))

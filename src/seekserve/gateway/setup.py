@@ -69,7 +69,7 @@ def build_upstreams(settings: Settings) -> dict[str, RemoteBackend]:
             models=tuple(RemoteModel(alias=m.alias, upstream=m.upstream or m.alias, max_model_len=m.max_model_len,
                                      reasoning=m.reasoning) for m in u.models),
             connect_timeout=u.connect_timeout, read_timeout=u.read_timeout, max_connections=u.max_connections,
-            remote=u.remote)
+            ca_file=u.ca_file, proxy=u.proxy.get_secret_value() if u.proxy else None, remote=u.remote)
         out[u.name] = RemoteBackend(config)
     return out
 

@@ -79,17 +79,21 @@ class RecordWriter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # Wait for a first record, then sleep out the flush interval and take everything queued meanwhile.
+        # Waiting on the queue for each further record instead woke this thread (and took the interpreter
+        # lock from the event loop) twice per request.
         stopping = False
         while not stopping:
             batch: list[UsageRecord | AuditEvent] = []
             item = self._queue.get()
-            deadline = time.monotonic() + self.flush_interval
+            if item is not None:
+                time.sleep(self.flush_interval)
             while item is not None:
                 batch.append(item)
                 if len(batch) >= self.max_batch:
                     break
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             stopping = item is None
@@ -100,15 +104,9 @@ class RecordWriter:
     def _write(self, batch: list[UsageRecord | AuditEvent]) -> None:
         usage = [r for r in batch if isinstance(r, UsageRecord)]
         events = [e for e in batch if isinstance(e, AuditEvent)]
-        audits: list[AuditRecord] | None = None if events else []
-        stored = not usage
         for attempt in range(5):   # a busy or briefly unreachable database: retry, never drop silently
             try:
-                if not stored:
-                    self.usage.add_many(usage)      # idempotent by event id
-                    stored = True
-                if audits is None:                  # appended once: a retry must not chain them twice
-                    audits = self.audit.append_many(events)
+                audits = self._store(usage, events)     # idempotent by event id: a retry stores nothing twice
                 if self.on_written is not None:
                     self.on_written(usage, audits)
                 return
@@ -117,3 +115,13 @@ class RecordWriter:
                               len(events), attempt + 1)
                 time.sleep(0.2 * 2 ** attempt)
         log.error("gave up on %d usage and %d audit records after 5 failed writes", len(usage), len(events))
+
+    def _store(self, usage: list[UsageRecord], events: list[AuditEvent]) -> list[AuditRecord]:
+        """Both kinds in one transaction when they share a database (one commit per batch, not two)."""
+        db = self.audit.db
+        if self.usage.db is not db or not (usage and events):
+            self.usage.add_many(usage)
+            return self.audit.append_many(events)
+        with db.write_connection() as connection:
+            self.usage.add_many(usage, connection=connection)
+            return self.audit.append_many(events, connection=connection)

@@ -4,6 +4,7 @@ Invariant: no error raised from here carries the URL's password; writers that mu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -19,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, make_url, text
+from sqlalchemy import URL, Connection, Engine, bindparam, create_engine, event, exc, insert, make_url, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -136,8 +137,8 @@ class Database:
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
         # SQLite has one writer per file: BEGIN IMMEDIATE takes it up front (so a read-then-write never
         # fails half-way), and a process-local lock queues our own threads instead of busy-polling.
-        immediate = self.engine.execution_options(seekserve_begin="BEGIN IMMEDIATE")
-        self._write_sessions = sessionmaker(bind=immediate, expire_on_commit=False)
+        self._immediate = self.engine.execution_options(seekserve_begin="BEGIN IMMEDIATE")
+        self._write_sessions = sessionmaker(bind=self._immediate, expire_on_commit=False)
         self._sqlite_writer = threading.RLock()
 
     def __repr__(self) -> str:
@@ -167,9 +168,23 @@ class Database:
                 self.lock(session, lock_name)
             yield session
 
-    def lock(self, session: Session, lock_name: str) -> None:
-        """Inside a write_session, also take the lock `lock_name` until the transaction ends. A no-op on
-        SQLite, where the write session already excludes every other writer."""
+    @contextmanager
+    def write_connection(self, lock_name: str | None = None) -> Iterator[Connection]:
+        """write_session's guarantees on a Core connection, without the ORM session's bookkeeping (about
+        0.5 ms a transaction): for the record writer's batches."""
+        sqlite = self.dialect == "sqlite"
+        try:
+            with (self._sqlite_writer if sqlite else contextlib.nullcontext(),
+                  (self._immediate if sqlite else self.engine).begin() as connection):
+                if lock_name is not None:
+                    self.lock(connection, lock_name)
+                yield connection
+        except _INFRA_ERRORS as err:
+            raise store_error("database operation failed", self.url, err) from None
+
+    def lock(self, session: Session | Connection, lock_name: str) -> None:
+        """Inside a write_session (or write_connection), also take the lock `lock_name` until the
+        transaction ends. A no-op on SQLite, where the write session already excludes every other writer."""
         if self.dialect == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(lock_name)})
 
@@ -193,9 +208,46 @@ class Database:
         dialect_insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         return dialect_insert(table).on_conflict_do_nothing(index_elements=["event_id"])
 
+    def bulk_insert(self, table: Any, columns: tuple[str, ...], ignore_duplicates: bool = False) -> BulkInsert:
+        """A many-row INSERT of `columns` into `table`, compiled once for this database (see BulkInsert)."""
+        return BulkInsert(self, table, columns, ignore_duplicates)
+
     def close(self) -> None:
         """Close every pooled connection; the Database must not be used afterwards."""
         self.engine.dispose()
+
+
+class BulkInsert:
+    """An INSERT compiled once, run as one executemany with each column's own bind processing (the same
+    conversions SQLAlchemy applies: aware UTC timestamps, JSON). Core's per-row parameter handling cost
+    about 10 µs a row, more than the rest of writing a usage or audit record (benchmarks/README.md §5).
+    Rows run in list order: on SQLite each takes the next rowid."""
+
+    def __init__(self, db: Database, table: Any, columns: tuple[str, ...], ignore_duplicates: bool) -> None:
+        table = getattr(table, "__table__", table)
+        statement = db.insert_ignoring_duplicates(table) if ignore_duplicates else insert(table)
+        dialect = db.engine.dialect
+        compiled = statement.values({name: bindparam(name) for name in columns}).compile(dialect=dialect)
+        self.sql = str(compiled)
+        self._positional = compiled.positional
+        order = list(compiled.positiontup or ()) if compiled.positional else list(columns)
+        self._index = [columns.index(name) for name in order]
+        self._names = order
+        self._in_order = self._index == list(range(len(columns)))
+        processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in order]
+        self._processed = [(i, p) for i, p in enumerate(processors) if p is not None]
+
+    def execute(self, connection: Connection, rows: list[tuple[Any, ...]]) -> int:
+        """Insert rows (tuples in `columns` order); how many were stored (duplicates skipped)."""
+        if not rows:
+            return 0
+        params: list[Any] = []
+        for row in rows:
+            values = list(row) if self._in_order else [row[i] for i in self._index]
+            for i, process in self._processed:
+                values[i] = process(values[i])
+            params.append(tuple(values) if self._positional else dict(zip(self._names, values)))
+        return connection.exec_driver_sql(self.sql, params).rowcount
 
 
 def _alembic_config() -> Config:

@@ -7,10 +7,10 @@ import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Connection, Select, func, select
 
 from seekserve.store.db import Database
 from seekserve.store.models import UsageRow, check_text, require_aware, utcnow
@@ -46,19 +46,23 @@ class UsageRecord:
     event_id: str = field(default_factory=_new_event_id)
     ts: datetime = field(default_factory=utcnow)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:   # one record per request: the common case costs a few type checks
         for name, limit in _TEXT_LIMITS.items():
-            check_text(getattr(self, name), name, limit, empty=name in ("request_id", "backend"))
+            value = getattr(self, name)
+            if type(value) is not str or not 0 < len(value) <= limit:
+                check_text(value, name, limit, empty=name in ("request_id", "backend"))
         for name in _INTS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         for name in _FLOATS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        object.__setattr__(self, "ts", require_aware(self.ts, "ts"))
+            if type(value) is not float or not 0 <= value < math.inf:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                    raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+                object.__setattr__(self, name, float(value))
+        if type(self.ts) is not datetime or self.ts.tzinfo is not UTC:
+            object.__setattr__(self, "ts", require_aware(self.ts, "ts"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (ts as ISO 8601 with offset), the wire format of the usage topic."""
@@ -76,7 +80,6 @@ class UsageRecord:
         return cls(**values)
 
 
-_TABLE = UsageRow.__table__
 _COLUMNS = tuple(f.name for f in fields(UsageRecord))   # shallow rows: asdict deep-copies every value
 
 
@@ -89,20 +92,26 @@ class UsageStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._insert = db.bulk_insert(UsageRow, _COLUMNS, ignore_duplicates=True)
 
-    def add_many(self, records: Iterable[UsageRecord]) -> int:
-        """Store records; those whose event_id is already stored are skipped. Returns how many were new."""
-        unique: dict[str, dict[str, Any]] = {}
+    @property
+    def db(self) -> Database:
+        return self._db
+
+    def add_many(self, records: Iterable[UsageRecord], connection: Connection | None = None) -> int:
+        """Store records; those whose event_id is already stored are skipped. Returns how many were new.
+        With `connection`, inside its transaction (the record writer's, shared with the audit chain)."""
+        unique: dict[str, tuple[Any, ...]] = {}
         for record in records:
             if not isinstance(record, UsageRecord):
                 raise TypeError(f"expected UsageRecord, got {type(record).__name__}")
-            unique.setdefault(record.event_id, {name: getattr(record, name) for name in _COLUMNS})
+            unique.setdefault(record.event_id, tuple([getattr(record, name) for name in _COLUMNS]))
         if not unique:
             return 0
-        # Core, not the ORM's bulk path: the same SQL at a third less CPU per record
-        statement = self._db.insert_ignoring_duplicates(_TABLE).returning(_TABLE.c.id)
-        with self._db.session() as session:
-            return len(session.connection().execute(statement, list(unique.values())).all())
+        if connection is not None:
+            return self._insert.execute(connection, list(unique.values()))
+        with self._db.write_connection() as own:
+            return self._insert.execute(own, list(unique.values()))
 
     def add(self, record: UsageRecord) -> bool:
         """Store one record; False when its event_id was already stored."""

@@ -1,25 +1,21 @@
-"""POST /v1/chat/completions (also /chat/completions)."""
+"""POST /v1/chat/completions (also /chat/completions): the request -> the gateway -> a JSON body or SSE
+frames. Served by the plain ASGI endpoint in api/inference.py."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-
-from seekserve.api.context import Context, requires
+from seekserve.api.context import AppContext
 from seekserve.api.errors import APIError
-from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
-                                      sampling_params)
+from seekserve.api.generation import RequestTimer, UsageTracker, merge, request_id, sampling_params
 from seekserve.api.schemas import ChatCompletionRequest
-from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, sse_response, with_keepalive
+from seekserve.api.streaming import Reply, frame, sse_events
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 from seekserve.gateway.principal import Principal
-from seekserve.gateway.rbac import Permission
 
-router = APIRouter()
 # template variables the backend passes itself: a request setting them again would be a TypeError (500)
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
 
@@ -31,9 +27,8 @@ def _logprobs(entries: list[LogprobEntry] | None) -> list[dict[str, Any]] | None
              "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in e.top]} for e in entries]
 
 
-@router.post("/chat/completions", summary="Create a chat completion")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: Context,
-                                 principal: Principal = requires(Permission.inference)):
+async def create_chat_completion(ctx: AppContext, principal: Principal, body: ChatCompletionRequest,
+                                 headers: Mapping[str, str]) -> Reply:
     info = ctx.model(body.model, principal)
     if any(m.reasoning_content for m in body.messages):
         # DeepSeek's rule: reasoning_content of earlier turns must not be sent back
@@ -50,18 +45,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                       for m in body.messages],
                             chat_template_kwargs=body.chat_template_kwargs or {},
                             priority=principal.priority, cache_salt=principal.tenant)
-    admission = await ctx.gateway.admit(principal, [gen], request.headers, "inference.chat")
+    admission = await ctx.gateway.admit(principal, [gen], headers, "inference.chat")
     chunks = admission.streams[0]
-    ctx_created, timer = int(time.time()), RequestTimer(ctx.metrics, info.id)
-    base = {"id": rid, "created": ctx_created, "model": info.id}
+    timer = RequestTimer(ctx.metrics, info.id)
+    base = {"id": rid, "created": int(time.time()), "model": info.id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _sse(merge([chunks]), base, info.reasoning, include_usage, ctx.settings.keepalive_interval,
-                      body.n, timer, body.logprobs)
-        return sse_response(stream, admission.headers)
-    items = await collect_or_abort(request, merge([chunks]))
-    return JSONResponse(_response(items, base, info.reasoning, body.n, timer, body.logprobs),
-                        headers=admission.headers)
+        return Reply(admission.headers, events=_sse(chunks, base, info.reasoning, include_usage, body.n, timer,
+                                                    body.logprobs))
+    async with contextlib.aclosing(merge([chunks])) as source:   # a cancel (client gone) stops it
+        items = [item async for item in source]
+    return Reply(admission.headers, payload=_response(items, base, info.reasoning, body.n, timer, body.logprobs))
 
 
 def _response(items: list[tuple[int, Chunk]], base: dict[str, Any], reasoning: bool, n: int,
@@ -90,19 +84,16 @@ def _response(items: list[tuple[int, Chunk]], base: dict[str, Any], reasoning: b
             "system_fingerprint": None}
 
 
-async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], reasoning: bool,
-               include_usage: bool, keepalive: float, n: int, timer: RequestTimer,
-               want_logprobs: bool) -> AsyncIterator[str]:
+def _sse(chunks: AsyncIterator[Chunk], base: dict[str, Any], reasoning: bool, include_usage: bool, n: int,
+         timer: RequestTimer, want_logprobs: bool) -> AsyncIterator[bytes]:
+    """One prompt's chunks (read directly, without merge's extra step per chunk) -> SSE frames."""
     usage = UsageTracker()
     head = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
     started = [False] * n
-    async for item in with_keepalive(source, keepalive):
-        if item is None:
-            yield KEEPALIVE
-            continue
-        source_idx, chunk = item
+
+    def encode(chunk: Chunk) -> bytes | None:
         timer.tokens(chunk)
-        usage.add(source_idx, chunk.index, chunk)
+        usage.add(0, chunk.index, chunk)
         delta: dict[str, Any] = {}
         if not started[chunk.index]:
             started[chunk.index] = True
@@ -113,12 +104,18 @@ async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], r
         if reasoning and chunk.reasoning_text:
             delta["reasoning_content"] = chunk.reasoning_text
         if not delta and not chunk.finish_reason and not chunk.logprobs:
-            continue
+            return None
         choice = {"index": chunk.index, "delta": delta,
                   "logprobs": {"content": _logprobs(chunk.logprobs)} if want_logprobs else None,
                   "finish_reason": chunk.finish_reason}
-        yield frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
-    timer.done(usage)
-    if include_usage:
-        yield frame({**head, "choices": [], "usage": usage.usage(reasoning)})
-    yield DONE_FRAME
+        return frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+    def last() -> list[bytes]:
+        timer.done(usage)
+        return [frame({**head, "choices": [], "usage": usage.usage(reasoning)})] if include_usage else []
+
+    return sse_events(chunks, encode, _more_ready, last)
+
+
+def _more_ready(chunk: Chunk) -> bool:
+    return chunk.more_ready

@@ -1,26 +1,22 @@
 """POST /v1/completions (also /completions): prompt as a string, a list of strings, token ids or a list
-of token-id lists; each prompt gets n choices, indexed prompt * n + i."""
+of token-id lists; each prompt gets n choices, indexed prompt * n + i. Served by the plain ASGI endpoint in
+api/inference.py."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-
-from seekserve.api.context import Context, requires
+from seekserve.api.context import AppContext
 from seekserve.api.errors import APIError
-from seekserve.api.generation import (RequestTimer, UsageTracker, collect_or_abort, merge, request_id,
-                                      sampling_params)
+from seekserve.api.generation import RequestTimer, UsageTracker, merge, request_id, sampling_params
 from seekserve.api.schemas import CompletionRequest
-from seekserve.api.streaming import DONE_FRAME, KEEPALIVE, frame, sse_response, with_keepalive
+from seekserve.api.streaming import Reply, frame, sse_events
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 from seekserve.gateway.principal import Principal
-from seekserve.gateway.rbac import Permission
 
-router = APIRouter()
 MAX_PROMPTS = 64
 
 
@@ -47,9 +43,8 @@ def _logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
             "top_logprobs": [{t: v for t, v, _ in e.top} for e in entries], "text_offset": offsets}
 
 
-@router.post("/completions", summary="Create a completion")
-async def create_completion(body: CompletionRequest, request: Request, ctx: Context,
-                            principal: Principal = requires(Permission.inference)):
+async def create_completion(ctx: AppContext, principal: Principal, body: CompletionRequest,
+                            headers: Mapping[str, str]) -> Reply:
     info = ctx.model(body.model, principal)
     params = sampling_params(body)
     prompts = _prompts(body.prompt)
@@ -59,16 +54,16 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     gens = [GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion", params=params, prompt=p,
                               priority=principal.priority, cache_salt=principal.tenant)
             for i, p in enumerate(prompts)]
-    admission = await ctx.gateway.admit(principal, gens, request.headers, "inference.completion")
+    admission = await ctx.gateway.admit(principal, gens, headers, "inference.completion")
     streams = admission.streams
     base = {"id": rid, "created": int(time.time()), "model": info.id}
     timer = RequestTimer(ctx.metrics, info.id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(merge(streams), base, body.n, echoes, include_usage, ctx.settings.keepalive_interval, timer,
-                      body.logprobs is not None)
-        return sse_response(events, admission.headers)
-    items = await collect_or_abort(request, merge(streams))
+        return Reply(admission.headers, events=_sse(merge(streams), base, body.n, echoes, include_usage, timer,
+                                                    body.logprobs is not None))
+    async with contextlib.aclosing(merge(streams)) as source:   # a cancel (client gone) stops it
+        items = [item async for item in source]
     usage = UsageTracker()
     choices = [{"text": echoes[i // body.n], "logprobs": [], "finish": None} for i in range(len(prompts) * body.n)]
     for source, chunk in items:
@@ -82,21 +77,18 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Cont
     out = [{"index": i, "text": c["text"],
             "logprobs": _logprobs(c["logprobs"], len(echoes[i // body.n])) if body.logprobs is not None else None,
             "finish_reason": c["finish"]} for i, c in enumerate(choices)]
-    return JSONResponse({**base, "object": "text_completion", "choices": out, "usage": usage.usage(False),
-                         "system_fingerprint": None}, headers=admission.headers)
+    return Reply(admission.headers, payload={**base, "object": "text_completion", "choices": out,
+                                            "usage": usage.usage(False), "system_fingerprint": None})
 
 
-async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n: int, echoes: list[str],
-               include_usage: bool, keepalive: float, timer: RequestTimer, want_logprobs: bool
-               ) -> AsyncIterator[str]:
+def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n: int, echoes: list[str],
+         include_usage: bool, timer: RequestTimer, want_logprobs: bool) -> AsyncIterator[bytes]:
     usage = UsageTracker()
     head = {**base, "object": "text_completion"}
     offsets: dict[int, int] = {}   # choice -> text offset of its next token
     echoed: set[int] = set()
-    async for item in with_keepalive(source, keepalive):
-        if item is None:
-            yield KEEPALIVE
-            continue
+
+    def encode(item: tuple[int, Chunk]) -> bytes | None:
         source_idx, chunk = item
         timer.tokens(chunk)
         idx = source_idx * n + chunk.index
@@ -106,15 +98,21 @@ async def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n
             echoed.add(idx)
             text = echoes[source_idx] + text
         if not text and not chunk.finish_reason:
-            continue
+            return None
         lp = None
         if want_logprobs:
             start = offsets.get(idx, len(echoes[source_idx]))
             lp = _logprobs(chunk.logprobs or [], start)
             offsets[idx] = start + sum(len(e.token) for e in chunk.logprobs or [])
         choice = {"index": idx, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
-        yield frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
-    timer.done(usage)
-    if include_usage:
-        yield frame({**head, "choices": [], "usage": usage.usage(False)})
-    yield DONE_FRAME
+        return frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+    def last() -> list[bytes]:
+        timer.done(usage)
+        return [frame({**head, "choices": [], "usage": usage.usage(False)})] if include_usage else []
+
+    return sse_events(source, encode, _more_ready, last)
+
+
+def _more_ready(item: tuple[int, Chunk]) -> bool:
+    return item[1].more_ready
