@@ -4,6 +4,7 @@ split from content for R1-style models (stream and non-stream)."""
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -85,7 +86,13 @@ def test_metrics_names(chat_model) -> None:
                                       extra_body={"ignore_eos": True})
         next(iter(stream))
         stream.close()
-        text = httpx.get(f"{base}/metrics").text
+        # the server notices the client left within inference.WATCH_AFTER (50 ms) and stops the request
+        deadline = time.monotonic() + 5
+        while True:
+            text = httpx.get(f"{base}/metrics").text
+            if 'route="/v1/completions",status="200"} 2.0' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
     for name in ("seekserve:time_to_first_token_seconds_bucket", "seekserve:e2e_request_latency_seconds_count",
                  "seekserve:inter_token_latency_seconds_count", "seekserve:num_requests_running",
                  "seekserve:num_requests_waiting", "seekserve:kv_cache_usage_perc",

@@ -446,6 +446,26 @@ def test_out_of_vocab_stop_token_ids_with_min_tokens(chat_model: Path) -> None:
 
 # -- schemathesis over the OpenAPI schema ---------------------------------------------------------------
 
+def test_openapi_documents_the_generation_routes(http: httpx.Client) -> None:
+    """The plain ASGI endpoint's routes are in the schema, with their request models and error shape."""
+    schema = http.get("/openapi.json").json()
+    for path, model in (("/v1/chat/completions", "ChatCompletionRequest"), ("/chat/completions",
+                        "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest"),
+                        ("/completions", "CompletionRequest")):
+        op = schema["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert {"400", "401", "403", "404", "413", "422", "429", "503"} <= set(op["responses"])
+        assert op["responses"]["429"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    components = schema["components"]["schemas"]
+    assert "messages" in components["ChatCompletionRequest"]["properties"]
+    assert "prompt" in components["CompletionRequest"]["properties"]
+    assert set(schema["paths"]["/v1/chat/completions"]) == {"post"}
+    r = http.get(CHAT)          # the route exists, for POST only
+    assert_error(r, 405, "invalid_request_error", "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
 @pytest.fixture(scope="module")
 def api_schema(main):
     return schemathesis.openapi.from_url(f"{main[0]}/openapi.json")

@@ -3,13 +3,17 @@ request, and Chinese text streamed without U+FFFD."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
 import time
 
 import httpx
+import pytest
 
+from seekserve.api.streaming import sse_events
+from seekserve.backends.base import BackendError, Chunk
 from tests.api.conftest import CHINESE_SCRIPT, running_server
 
 
@@ -100,3 +104,52 @@ def test_chinese_stream_has_no_replacement_chars(chinese_model) -> None:
     assert "".join(deltas) == CHINESE_SCRIPT
     assert len([d for d in deltas if d]) > 3
     assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# -- frames that arrive together are written together -------------------------------------------------------
+def _frames(items: list[tuple[str, bool]], fail_after: int | None = None) -> tuple[list[bytes], BaseException | None]:
+    """What sse_events writes for (text, more_ready) items; the error it raised, if any."""
+    async def source():
+        for i, (text, more) in enumerate(items):
+            if i == fail_after:
+                raise BackendError("the upstream u failed mid-stream: boom", status=502)
+            yield Chunk(index=0, text=text, more_ready=more)
+
+    async def run() -> tuple[list[bytes], BaseException | None]:
+        out: list[bytes] = []
+        try:
+            async for data in sse_events(source(), lambda c: f"<{c.text}>".encode(), lambda c: c.more_ready,
+                                         lambda: [b"<usage>"]):
+                out.append(data)
+        except BackendError as e:
+            return out, e
+        return out, None
+    return asyncio.run(run())
+
+
+def test_frames_of_one_network_read_go_out_in_one_write() -> None:
+    writes, error = _frames([("a", True), ("b", True), ("c", False), ("d", False), ("e", True)])
+    assert error is None
+    assert writes == [b"<a><b><c>", b"<d>", b"<e><usage>data: [DONE]\n\n"]
+
+
+def test_a_failure_mid_burst_still_delivers_what_came_before_it() -> None:
+    writes, error = _frames([("a", False), ("b", True), ("c", True), ("never", False)], fail_after=3)
+    assert writes == [b"<a>", b"<b><c>"] and isinstance(error, BackendError)
+
+
+def test_remote_chunks_of_one_read_are_marked() -> None:
+    """The remote decoder marks every chunk of one network read but the last; a bad event after good ones
+    raises only after those went out."""
+    from seekserve.backends.remote import _marked
+    from seekserve.backends.sse import EventStreamDecoder
+
+    def event(content: str) -> bytes:
+        return b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % content.encode()
+    chunks = list(_marked(EventStreamDecoder("u", 1).feed(b"".join(event(w) for w in ("one", "two", "three")))))
+    assert [(c.text, c.more_ready) for c in chunks] == [("one", True), ("two", True), ("three", False)]
+    got = []
+    with pytest.raises(BackendError, match="not JSON"):
+        for chunk in _marked(EventStreamDecoder("u", 1).feed(event("ok") + b"data: {oops\n\n")):
+            got.append(chunk.text)
+    assert got == ["ok"]

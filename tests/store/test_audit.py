@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
-from seekserve.store.audit import GENESIS_HASH, AuditLog, AuditRecord, canonical_json
+from seekserve.store.audit import GENESIS_HASH, AuditEvent, AuditLog, AuditRecord, canonical_json
 from seekserve.store.db import Database, default_database_url, upgrade
 from tests.store.test_db import database, sqlite_template, store_pg_url  # noqa: F401  (fixtures)
 
@@ -44,6 +45,24 @@ def test_append_many_and_retries(database: Database) -> None:  # noqa: F811
         log.append("a", "t", "x", detail={"bad": float("nan")})
     with pytest.raises(ValueError):
         log.append("a", "t", "x", detail={"bad": object()})
+
+
+def test_append_new_chains_like_append_many(database: Database) -> None:  # noqa: F811
+    """The record writer's fast path: same chain, same rows, no look-ups; a reused id still cannot land."""
+    log = AuditLog(database, "eu")
+    first = log.append_many([{"actor": "a", "tenant": "t", "action": "x", "event_id": "ev0"}])
+    events = [AuditEvent(actor="k", tenant="t", action="inference.chat", detail={"n": i, "tags": ["a"], "ok": True},
+                         event_id=f"new{i}") for i in range(5)]
+    with database.write_connection() as connection:
+        log.append_new(events, connection)
+    stored = sorted(log.query(), key=lambda r: r.seq)
+    assert [r.event_id for r in stored] == ["ev0"] + [f"new{i}" for i in range(5)]
+    assert stored[1].prev_hash == first[0].hash and all(r.hash == r.expected_hash() for r in stored)
+    assert stored[3].detail == {"n": 2, "tags": ["a"], "ok": True}
+    assert log.verify() == (True, None)
+    with pytest.raises(IntegrityError), database.write_connection() as connection:   # rolled back whole
+        log.append_new([AuditEvent(actor="k", tenant="t", action="x", event_id="new1")], connection)
+    assert len(log.query()) == 6 and log.verify() == (True, None)
 
 
 def test_concurrent_appends_never_fork(database: Database) -> None:  # noqa: F811

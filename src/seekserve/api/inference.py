@@ -65,16 +65,12 @@ class InferenceEndpoint:
             return      # the client went away before sending its request
         task = asyncio.current_task()
         assert task is not None
-        # the disconnect watcher is a task of its own: started when a stream begins (a client often leaves
-        # one early), else only once a request runs past WATCH_AFTER (most JSON answers are done before, and
-        # a task per request costs more than the timer)
+        # the disconnect watcher is a task of its own, started only once a request runs past WATCH_AFTER:
+        # most answers are done before that, and a task per request costs more than the timer. A client that
+        # leaves stops its request's work within WATCH_AFTER at most.
         watcher: list[asyncio.Future[None]] = []
-
-        def watch() -> None:
-            if not watcher:
-                watcher.append(asyncio.ensure_future(_watch(receive, task, exchange)))
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch)
-        exchange.on_stream = watch
+        timer = asyncio.get_running_loop().call_later(
+            WATCH_AFTER, lambda: watcher.append(asyncio.ensure_future(_watch(receive, task, exchange))))
         try:
             await self._handle(scope, route, body, exchange, where)
         except asyncio.CancelledError:
@@ -114,7 +110,6 @@ class _Exchange:
         self.started = self.finished = self.disconnected = False
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self.on_stream: Callable[[], None] = lambda: None
 
     async def json(self, status: int, payload: Any, headers: dict[str, str]) -> None:
         body = to_json_bytes(payload)
@@ -131,7 +126,6 @@ class _Exchange:
         assert reply.events is not None
         loop = asyncio.get_running_loop()
         self.started = True
-        self.on_stream()
         await self._send({"type": "http.response.start", "status": 200,
                           "headers": [*_SSE_HEADERS, *_encode(reply.headers)]})
         self._last = loop.time()

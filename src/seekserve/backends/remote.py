@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,8 +233,8 @@ class RemoteStream:
     def __aiter__(self) -> RemoteStream:
         return self
 
-    async def __anext__(self) -> Chunk:
-        return await self._chunks.__anext__()
+    def __anext__(self) -> Awaitable[Chunk]:   # the generator's own awaitable: no extra frame per chunk
+        return self._chunks.__anext__()
 
     async def aclose(self) -> None:
         await self._chunks.aclose()

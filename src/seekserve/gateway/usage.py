@@ -106,7 +106,8 @@ class RecordWriter:
         events = [e for e in batch if isinstance(e, AuditEvent)]
         for attempt in range(5):   # a busy or briefly unreachable database: retry, never drop silently
             try:
-                audits = self._store(usage, events)     # idempotent by event id: a retry stores nothing twice
+                # idempotent by event id: a retry stores nothing twice
+                audits = self._store(usage, events, fresh=attempt == 0)
                 if self.on_written is not None:
                     self.on_written(usage, audits)
                 return
@@ -116,12 +117,16 @@ class RecordWriter:
                 time.sleep(0.2 * 2 ** attempt)
         log.error("gave up on %d usage and %d audit records after 5 failed writes", len(usage), len(events))
 
-    def _store(self, usage: list[UsageRecord], events: list[AuditEvent]) -> list[AuditRecord]:
-        """Both kinds in one transaction when they share a database (one commit per batch, not two)."""
+    def _store(self, usage: list[UsageRecord], events: list[AuditEvent], fresh: bool) -> list[AuditRecord]:
+        """Both kinds in one transaction when they share a database (one commit per batch, not two). A
+        first attempt with nobody waiting for the chained records skips append_many's look-ups."""
         db = self.audit.db
         if self.usage.db is not db or not (usage and events):
             self.usage.add_many(usage)
             return self.audit.append_many(events)
         with db.write_connection() as connection:
             self.usage.add_many(usage, connection=connection)
+            if fresh and self.on_written is None:
+                self.audit.append_new(events, connection)
+                return []
             return self.audit.append_many(events, connection=connection)

@@ -183,6 +183,23 @@ class AuditLog:
         with self._db.write_connection(lock) as own:
             return self._append(own, pending)
 
+    def append_new(self, events: Sequence[AuditEvent], connection: Connection) -> None:
+        """Chain events whose ids were never appended (the record writer's fresh batch), inside
+        `connection`'s transaction: append_many without its look-up of stored ids and without handing
+        records back. A reused id still fails on the unique constraint (and the writer's retry then goes
+        through append_many)."""
+        pending = [_event(values) for values in events]
+        if not pending:
+            return
+        self._db.lock(connection, f"seekserve:audit:{self.site}")
+        prev_hash, site, rows = self._last_hash(connection, self.site), self.site, []
+        for e in pending:
+            digest = self._hash(e, prev_hash)
+            rows.append((e.event_id, site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, e.detail,
+                         prev_hash, digest))
+            prev_hash = digest
+        self._insert.execute(connection, rows)
+
     def _append(self, connection: Connection, pending: list[AuditEvent]) -> list[AuditRecord]:
         table = AuditRow.__table__
         ids = [event.event_id for event in pending]

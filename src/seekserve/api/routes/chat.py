@@ -10,7 +10,7 @@ from typing import Any
 
 from seekserve.api.context import AppContext
 from seekserve.api.errors import APIError
-from seekserve.api.generation import RequestTimer, UsageTracker, merge, request_id, sampling_params
+from seekserve.api.generation import RequestTimer, UsageTracker, request_id, sampling_params
 from seekserve.api.schemas import ChatCompletionRequest
 from seekserve.api.streaming import Reply, frame, sse_events
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
@@ -53,8 +53,8 @@ async def create_chat_completion(ctx: AppContext, principal: Principal, body: Ch
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Reply(admission.headers, events=_sse(chunks, base, info.reasoning, include_usage, body.n, timer,
                                                     body.logprobs))
-    async with contextlib.aclosing(merge([chunks])) as source:   # a cancel (client gone) stops it
-        items = [item async for item in source]
+    async with contextlib.aclosing(chunks) as source:   # a cancel (client gone) stops the backend
+        items = [(0, chunk) async for chunk in source]
     return Reply(admission.headers, payload=_response(items, base, info.reasoning, body.n, timer, body.logprobs))
 
 
