@@ -144,7 +144,7 @@ def start_seekserve(python: str, upstream_port: int, work: Path, label: str, pro
     return Target(f"seekserve {label}", port, proc, key=made.stdout.strip(), log=log)
 
 
-# the cost of the HTTP stack alone: FastAPI + uvicorn + the same pooled httpx client, passing bytes through
+# the cost of a conventional HTTP stack alone: FastAPI + uvicorn + a pooled httpx client, passing bytes through
 FLOOR_APP = """
 import sys, httpx, uvicorn
 from fastapi import FastAPI, Request
