@@ -84,8 +84,9 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cl
 class Upstream:
     """Answers every request on a connection; `heads` records each request's head, `connections` counts."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None, close_after: int | None = None) -> None:
-        self.tls, self.close_after = tls, close_after
+    def __init__(self, tls: ssl.SSLContext | None = None, close_after: int | None = None,
+                 say_close: bool = False) -> None:
+        self.tls, self.close_after, self.say_close = tls, close_after, say_close
         self.heads: list[list[str]] = []
         self.connections = 0
 
@@ -98,7 +99,9 @@ class Upstream:
         served = 0
         try:
             while not reader.at_eof():
-                self.heads.append(await _answer(reader, writer))
+                self.heads.append(await _answer(reader, writer, close=self.say_close))
+                if self.say_close:
+                    break
                 served += 1
                 if self.close_after is not None and served >= self.close_after:
                     break       # an idle keep-alive connection the server drops
@@ -272,6 +275,20 @@ def test_an_idle_connection_the_upstream_closed_is_replaced() -> None:
                 assert await body_of(p) == (200, BODY)
                 await asyncio.sleep(0.05)           # the close arrives while the connection idles in the pool
             assert upstream.connections == 3 and len(upstream.heads) == 3
+        finally:
+            await upstream.stop()
+    asyncio.run(go())
+
+
+def test_connection_close_answers_are_not_pooled() -> None:
+    async def go() -> None:
+        upstream = Upstream(say_close=True)         # "Connection: close" on every answer
+        port = await upstream.start()
+        try:
+            p = pool(f"http://127.0.0.1:{port}")
+            for _ in range(3):
+                assert await body_of(p) == (200, BODY)
+            assert upstream.connections == 3 and p.num_open == 0
         finally:
             await upstream.stop()
     asyncio.run(go())
