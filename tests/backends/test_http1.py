@@ -10,6 +10,7 @@ import datetime
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Self
 
 import pytest
 from cryptography import x509
@@ -81,7 +82,24 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cl
     return head
 
 
-class Upstream:
+class _Server:
+    """A loopback server for one test: `async with Upstream() as up:` serves on `up.port` until the block ends."""
+    tls: ssl.SSLContext | None = None
+    port = 0
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class Upstream(_Server):
     """Answers every request on a connection; `heads` records each request's head, `connections` counts."""
 
     def __init__(self, tls: ssl.SSLContext | None = None, close_after: int | None = None,
@@ -89,10 +107,6 @@ class Upstream:
         self.tls, self.close_after, self.say_close = tls, close_after, say_close
         self.heads: list[list[str]] = []
         self.connections = 0
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
-        return self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -110,21 +124,14 @@ class Upstream:
         finally:
             writer.close()
 
-    async def stop(self) -> None:
-        self.server.close()
 
-
-class Proxy:
+class Proxy(_Server):
     """An HTTP forward proxy: CONNECT host:port tunnels to loopback (any host name), refused with 403 when
     `refuse`; a request in absolute-form is answered by the proxy itself. Records what it was asked."""
 
     def __init__(self, refuse: bool = False) -> None:
         self.refuse = refuse
         self.requests: list[list[str]] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -160,9 +167,6 @@ class Proxy:
         finally:
             writer.close()
 
-    async def stop(self) -> None:
-        self.server.close()
-
 
 def pool(url: str, **kw: object) -> ConnectionPool:
     options: dict[str, object] = {"connect_timeout": 2.0, "read_timeout": 2.0, "max_connections": 4}
@@ -179,77 +183,58 @@ async def body_of(p: ConnectionPool, path: str = "/v1/chat/completions") -> tupl
 # -- tests ----------------------------------------------------------------------------------------------------
 def test_tls_is_verified_against_the_configured_ca(certs: tuple[Path, Path, Path]) -> None:
     async def go() -> None:
-        upstream = Upstream(tls=_server_tls(certs))
-        port = await upstream.start()
-        try:
-            trusted = pool(f"https://localhost:{port}/v1", ca_file=str(certs[0]))
+        async with Upstream(tls=_server_tls(certs)) as upstream:
+            trusted = pool(f"https://localhost:{upstream.port}/v1", ca_file=str(certs[0]))
             assert await body_of(trusted) == (200, BODY)
             assert upstream.heads[0][0] == "POST /v1/chat/completions HTTP/1.1"
-            assert f"Host: localhost:{port}" in upstream.heads[0]
+            assert f"Host: localhost:{upstream.port}" in upstream.heads[0]
             await trusted.aclose()
             with pytest.raises(ConnectFailed, match="TLS handshake failed"):   # not our CA: refused
-                await body_of(pool(f"https://localhost:{port}/v1"))
-        finally:
-            await upstream.stop()
+                await body_of(pool(f"https://localhost:{upstream.port}/v1"))
     asyncio.run(go())
 
 
 def test_https_goes_through_a_connect_tunnel_with_proxy_credentials(certs: tuple[Path, Path, Path]) -> None:
     async def go() -> None:
-        upstream, proxy = Upstream(tls=_server_tls(certs)), Proxy()
-        port, proxy_port = await upstream.start(), await proxy.start()
-        try:
-            p = pool(f"https://{HOST}:{port}", ca_file=str(certs[0]),
-                     proxy=f"http://alice:s%3Acret@127.0.0.1:{proxy_port}")
+        async with Upstream(tls=_server_tls(certs)) as upstream, Proxy() as proxy:
+            p = pool(f"https://{HOST}:{upstream.port}", ca_file=str(certs[0]),
+                     proxy=f"http://alice:s%3Acret@127.0.0.1:{proxy.port}")
             assert await body_of(p) == (200, BODY)
             assert await body_of(p) == (200, BODY)       # the tunnel is a pooled keep-alive connection
             assert len(proxy.requests) == 1 and upstream.connections == 1
             connect = proxy.requests[0]
-            assert connect[0] == f"CONNECT {HOST}:{port} HTTP/1.1"
+            assert connect[0] == f"CONNECT {HOST}:{upstream.port} HTTP/1.1"
             assert f"Proxy-Authorization: Basic {base64.b64encode(b'alice:s:cret').decode()}" in connect
             # the upstream sees an ordinary request: no proxy credentials ride inside the tunnel
             assert not any(h.lower().startswith("proxy-authorization") for h in upstream.heads[0])
             await p.aclose()
-        finally:
-            await upstream.stop()
-            await proxy.stop()
     asyncio.run(go())
 
 
 def test_http_through_a_proxy_uses_absolute_form() -> None:
     async def go() -> None:
-        proxy = Proxy()
-        proxy_port = await proxy.start()
-        try:
-            p = pool(f"http://{HOST}:8000/v1", proxy=f"http://bob:pw@127.0.0.1:{proxy_port}")
+        async with Proxy() as proxy:
+            p = pool(f"http://{HOST}:8000/v1", proxy=f"http://bob:pw@127.0.0.1:{proxy.port}")
             assert await body_of(p) == (200, BODY)
             head = proxy.requests[0]
             assert head[0] == f"POST http://{HOST}:8000/v1/chat/completions HTTP/1.1"
             assert f"Host: {HOST}:8000" in head
             assert f"Proxy-Authorization: Basic {base64.b64encode(b'bob:pw').decode()}" in head
-        finally:
-            await proxy.stop()
     asyncio.run(go())
 
 
 def test_a_proxy_that_refuses_the_tunnel_is_a_connect_failure(certs: tuple[Path, Path, Path]) -> None:
     async def go() -> None:
-        proxy = Proxy(refuse=True)
-        proxy_port = await proxy.start()
-        try:
+        async with Proxy(refuse=True) as proxy:
             with pytest.raises(ConnectFailed, match="refused the tunnel: HTTP/1.1 403"):
-                await body_of(pool(f"https://{HOST}:443", proxy=f"http://127.0.0.1:{proxy_port}"))
-        finally:
-            await proxy.stop()
+                await body_of(pool(f"https://{HOST}:443", proxy=f"http://127.0.0.1:{proxy.port}"))
     asyncio.run(go())
 
 
 def test_a_full_pool_waits_for_a_connection_then_gives_up() -> None:
     async def go() -> None:
-        upstream = Upstream()
-        port = await upstream.start()
-        try:
-            p = pool(f"http://127.0.0.1:{port}", max_connections=1, connect_timeout=0.3)
+        async with Upstream() as upstream:
+            p = pool(f"http://127.0.0.1:{upstream.port}", max_connections=1, connect_timeout=0.3)
             held = await p.post("/v1/completions", b"{}")        # its body is not read: the connection stays busy
             with pytest.raises(ConnectTimedOut, match="all 1 connections stayed busy"):
                 await p.post("/v1/completions", b"{}")
@@ -260,37 +245,27 @@ def test_a_full_pool_waits_for_a_connection_then_gives_up() -> None:
             await held.aclose()                                   # ... and gets it, kept alive
             assert await waiting == (200, BODY)
             assert upstream.connections == 1 and p.num_open == 1
-        finally:
-            await upstream.stop()
     asyncio.run(go())
 
 
 def test_an_idle_connection_the_upstream_closed_is_replaced() -> None:
     async def go() -> None:
-        upstream = Upstream(close_after=1)          # drops each connection after one answer, without saying so
-        port = await upstream.start()
-        try:
-            p = pool(f"http://127.0.0.1:{port}")
+        async with Upstream(close_after=1) as upstream:     # drops each connection after one answer, without saying so
+            p = pool(f"http://127.0.0.1:{upstream.port}")
             for _ in range(3):
                 assert await body_of(p) == (200, BODY)
                 await asyncio.sleep(0.05)           # the close arrives while the connection idles in the pool
             assert upstream.connections == 3 and len(upstream.heads) == 3
-        finally:
-            await upstream.stop()
     asyncio.run(go())
 
 
 def test_connection_close_answers_are_not_pooled() -> None:
     async def go() -> None:
-        upstream = Upstream(say_close=True)         # "Connection: close" on every answer
-        port = await upstream.start()
-        try:
-            p = pool(f"http://127.0.0.1:{port}")
+        async with Upstream(say_close=True) as upstream:     # "Connection: close" on every answer
+            p = pool(f"http://127.0.0.1:{upstream.port}")
             for _ in range(3):
                 assert await body_of(p) == (200, BODY)
             assert upstream.connections == 3 and p.num_open == 0
-        finally:
-            await upstream.stop()
     asyncio.run(go())
 
 

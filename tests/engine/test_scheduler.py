@@ -46,6 +46,13 @@ def step(sched: Scheduler) -> SchedulerOutput:
     return out
 
 
+def admit(sched: Scheduler, *seqs: Sequence) -> SchedulerOutput:
+    """Add the sequences, then run one step."""
+    for seq in seqs:
+        sched.add(seq)
+    return step(sched)
+
+
 def plan(out: SchedulerOutput) -> list[tuple[Sequence, int]]:
     return [(s.seq, s.num_new_tokens) for s in out.scheduled]
 
@@ -223,9 +230,7 @@ def test_preempted_sequence_resumes_from_prefix_cache():
     bm = sched.block_manager
     a = make_seq(6, priority=0, max_tokens=6)
     b = make_seq(5, priority=0, max_tokens=8)
-    sched.add(a)
-    sched.add(b)
-    step(sched)
+    admit(sched, a, b)
     assert a.block_table == [0, 1] and b.block_table == [2, 3]
     step(sched)
     step(sched)
@@ -257,9 +262,7 @@ def test_preempted_sequence_resumes_from_prefix_cache():
 def test_priority_preemption_schedules_urgent_sequence_immediately():
     sched = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100, preempt_for_priority=True)
     a, b = make_seq(4, priority=1, max_tokens=10), make_seq(4, priority=1, max_tokens=10)
-    sched.add(a)
-    sched.add(b)
-    step(sched)
+    admit(sched, a, b)
     step(sched)
     urgent = make_seq(6, priority=0, max_tokens=2)
     sched.add(urgent)
@@ -288,9 +291,7 @@ def test_priority_preemption_when_out_of_blocks():
     sched = make_scheduler(num_blocks=4, block_size=4, max_num_seqs=4, max_num_batched_tokens=100,
                            preempt_for_priority=True)
     a, b = make_seq(8, priority=1), make_seq(8, priority=2)
-    sched.add(a)
-    sched.add(b)
-    step(sched)
+    admit(sched, a, b)
     assert sched.block_manager.num_free_blocks == 0
     urgent = make_seq(3, priority=0, max_tokens=1)
     sched.add(urgent)
@@ -303,9 +304,7 @@ def test_priority_preemption_when_out_of_blocks():
 def test_paused_sequences_give_up_blocks_before_a_running_one_is_preempted():
     sched = make_scheduler(num_blocks=6, block_size=4, max_num_seqs=2, max_num_batched_tokens=100)
     a, b = make_seq(4, priority=1, max_tokens=12), make_seq(4, priority=1, max_tokens=12)
-    sched.add(a)
-    sched.add(b)
-    step(sched)
+    admit(sched, a, b)
     urgent = make_seq(3, priority=0, max_tokens=12)
     sched.add(urgent)
     step(sched)
@@ -389,9 +388,7 @@ def test_standard_preempts_batch_only_outside_the_reserved_pool():
 def test_no_priority_preemption_when_disabled():
     sched = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100, preempt_for_priority=False)
     a, b = make_seq(4, priority=1, max_tokens=3), make_seq(4, priority=1, max_tokens=5)
-    sched.add(a)
-    sched.add(b)
-    step(sched)
+    admit(sched, a, b)
     urgent = make_seq(6, priority=0, max_tokens=1)
     sched.add(urgent)
     out = step(sched)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from seekserve.api.context import AppContext
@@ -26,7 +26,7 @@ from seekserve.api.errors import APIError, as_api_error
 from seekserve.api.routes.chat import create_chat_completion
 from seekserve.api.routes.completions import create_completion
 from seekserve.api.schemas import ChatCompletionRequest, CompletionRequest
-from seekserve.api.streaming import KEEPALIVE, Reply, error_frames, to_json_bytes
+from seekserve.api.streaming import KEEPALIVE, Reply, error_frames
 from seekserve.gateway.rbac import Permission, check
 
 log = logging.getLogger("seekserve.api")
@@ -112,7 +112,7 @@ class _Exchange:
         self._timer: asyncio.TimerHandle | None = None
 
     async def json(self, status: int, payload: Any, headers: dict[str, str]) -> None:
-        body = to_json_bytes(payload)
+        body = to_json(payload)    # as streaming.frame: pydantic's serializer
         self.started = self.finished = True
         await self._send({"type": "http.response.start", "status": status,
                           "headers": [(b"content-type", b"application/json"),

@@ -85,9 +85,9 @@ def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def proxy_for(origin: Origin, configured: str | None) -> Origin | None:
-    """The proxy to reach origin through: the configured one, else HTTPS_PROXY/HTTP_PROXY/ALL_PROXY minus
-    NO_PROXY (as curl and httpx read them). Loopback upstreams are never proxied."""
+def proxy_url(origin: Origin, configured: str | None) -> str | None:
+    """The proxy URL to reach origin through: the configured one, else HTTPS_PROXY/HTTP_PROXY/ALL_PROXY minus
+    NO_PROXY (as curl and httpx read them). Loopback upstreams are never proxied. Only http:// proxies."""
     if origin.host in LOOPBACK:
         return None
     url = configured
@@ -98,23 +98,21 @@ def proxy_for(origin: Origin, configured: str | None) -> Origin | None:
             url = None
     if not url:
         return None
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ValueError(f"only http:// proxies are supported, got {parts.scheme}://")
-    return Origin.of(url)
+    url = url if "://" in url else "http://" + url
+    scheme = urlsplit(url).scheme
+    if scheme != "http":
+        raise ValueError(f"only http:// proxies are supported, got {scheme}://")
+    return url
 
 
-def proxy_authorization(configured: str | None, origin: Origin) -> bytes | None:
+def proxy_for(origin: Origin, configured: str | None) -> Origin | None:
+    url = proxy_url(origin, configured)
+    return None if url is None else Origin.of(url)
+
+
+def proxy_authorization(url: str) -> bytes | None:
     """`Proxy-Authorization: Basic …` from the proxy URL's user:password, if it has one."""
-    url = configured
-    if url is None:
-        proxies = urllib.request.getproxies_environment()
-        url = proxies.get(origin.scheme) or proxies.get("all")
-    if not url:
-        return None
-    parts = urlsplit(url if "://" in url else "http://" + url)
+    parts = urlsplit(url)
     if parts.username is None:
         return None
     token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
@@ -318,8 +316,9 @@ class ConnectionPool:
                  proxy: str | None = None) -> None:
         self.origin = Origin.of(base_url)
         self.connect_timeout, self.read_timeout, self.max_connections = connect_timeout, read_timeout, max_connections
-        self.proxy = proxy_for(self.origin, proxy)
-        self._proxy_auth = proxy_authorization(proxy, self.origin) if self.proxy else None
+        url = proxy_url(self.origin, proxy)
+        self.proxy = None if url is None else Origin.of(url)
+        self._proxy_auth = None if url is None else proxy_authorization(url)
         self._tls = tls_context(ca_file) if self.origin.scheme == "https" else None
         # sent with every request; an http upstream behind a proxy gets absolute-form request targets
         self._prefix = (f"{self.origin.scheme}://{self.origin.authority}"

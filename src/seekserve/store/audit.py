@@ -58,9 +58,7 @@ class AuditRecord:
 
     def hashed_fields(self) -> dict[str, Any]:
         """The fields the hash covers; ts in a fixed ISO form (microseconds, +00:00) so it round-trips."""
-        return {"event_id": self.event_id, "site": self.site, "ts": _ts_text(self.ts), "actor": self.actor,
-                "tenant": self.tenant, "action": self.action, "target": self.target, "status": self.status,
-                "detail": self.detail, "prev_hash": self.prev_hash}
+        return _hashed_fields(self, self.site, self.prev_hash)
 
     def expected_hash(self) -> str:
         return chain_hash(self.prev_hash, self.hashed_fields())
@@ -80,6 +78,11 @@ class AuditRecord:
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "seq")
+
+
+def _hashed_fields(e: AuditRecord | AuditEvent, site: str, prev_hash: str) -> dict[str, Any]:
+    return {"event_id": e.event_id, "site": site, "ts": _ts_text(e.ts), "actor": e.actor, "tenant": e.tenant,
+            "action": e.action, "target": e.target, "status": e.status, "detail": e.detail, "prev_hash": prev_hash}
 
 
 def _ts_text(ts: datetime) -> str:
@@ -192,13 +195,7 @@ class AuditLog:
         if not pending:
             return
         self._db.lock(connection, f"seekserve:audit:{self.site}")
-        prev_hash, site, rows = self._last_hash(connection, self.site), self.site, []
-        for e in pending:
-            digest = self._hash(e, prev_hash)
-            rows.append((e.event_id, site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, e.detail,
-                         prev_hash, digest))
-            prev_hash = digest
-        self._insert.execute(connection, rows)
+        self._insert.execute(connection, self._chain(connection, pending))
 
     def _append(self, connection: Connection, pending: list[AuditEvent]) -> list[AuditRecord]:
         table = AuditRow.__table__
@@ -206,33 +203,27 @@ class AuditLog:
         # a stored event_id is a retry: answer with what is stored
         done = {row.event_id: _record(row)
                 for row in connection.execute(select(table).where(table.c.event_id.in_(ids)))}
-        prev_hash = self._last_hash(connection, self.site)
-        new: list[tuple[AuditEvent, str, str]] = []       # (event, prev_hash, hash), in chain order
-        for event in pending:
-            if event.event_id not in done:
-                digest = self._hash(event, prev_hash)
-                new.append((event, prev_hash, digest))
-                prev_hash = digest
-        if new:
-            site = self.site
-            self._insert.execute(connection, [
-                (e.event_id, site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, e.detail, prev, digest)
-                for e, prev, digest in new])
+        rows = self._chain(connection, [event for event in pending if event.event_id not in done])
+        if rows:
+            self._insert.execute(connection, rows)
             # the rows ran in list order, each taking the next seq under the lock: read them back in one query
-            ids = [e.event_id for e, _, _ in new]
-            seqs = {event_id: seq for event_id, seq in
-                    connection.execute(select(table.c.event_id, table.c.seq).where(table.c.event_id.in_(ids)))}
-            for e, prev, digest in new:
-                done[e.event_id] = AuditRecord(event_id=e.event_id, site=site, ts=e.ts, actor=e.actor,
-                                               tenant=e.tenant, action=e.action, target=e.target, status=e.status,
-                                               detail=e.detail, prev_hash=prev, hash=digest, seq=seqs[e.event_id])
+            seqs = dict(connection.execute(select(table.c.event_id, table.c.seq)
+                                           .where(table.c.event_id.in_([row[0] for row in rows]))).all())
+            for row in rows:        # rows are in AuditRecord's field order, seq last
+                done[row[0]] = AuditRecord(*row, seq=seqs[row[0]])
         return [done[event.event_id] for event in pending]
 
-    def _hash(self, event: AuditEvent, prev_hash: str) -> str:
-        return chain_hash(prev_hash, {
-            "event_id": event.event_id, "site": self.site, "ts": _ts_text(event.ts), "actor": event.actor,
-            "tenant": event.tenant, "action": event.action, "target": event.target, "status": event.status,
-            "detail": event.detail, "prev_hash": prev_hash})      # = AuditRecord.hashed_fields()
+    def _chain(self, connection: Connection, events: list[AuditEvent]) -> list[tuple[Any, ...]]:
+        """The rows of `events` chained after this site's last record, in _ROW_FIELDS order."""
+        if not events:
+            return []
+        prev_hash, rows = self._last_hash(connection, self.site), []
+        for e in events:
+            digest = chain_hash(prev_hash, _hashed_fields(e, self.site, prev_hash))
+            rows.append((e.event_id, self.site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, e.detail,
+                         prev_hash, digest))
+            prev_hash = digest
+        return rows
 
     @staticmethod
     def _last_hash(connection: Connection, site: str) -> str:
