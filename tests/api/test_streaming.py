@@ -140,16 +140,16 @@ def test_a_failure_mid_burst_still_delivers_what_came_before_it() -> None:
 
 def test_remote_chunks_of_one_read_are_marked() -> None:
     """The remote decoder marks every chunk of one network read but the last; a bad event after good ones
-    raises only after those went out."""
-    from seekserve.backends.remote import _marked
+    leaves its error in `failure`, and the chunks before it are still handed out."""
     from seekserve.backends.sse import EventStreamDecoder
 
     def event(content: str) -> bytes:
         return b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % content.encode()
-    chunks = list(_marked(EventStreamDecoder("u", 1).feed(b"".join(event(w) for w in ("one", "two", "three")))))
+    decoder = EventStreamDecoder("u", 1)
+    chunks = decoder.feed(b"".join(event(w) for w in ("one", "two", "three")))
     assert [(c.text, c.more_ready) for c in chunks] == [("one", True), ("two", True), ("three", False)]
-    got = []
-    with pytest.raises(BackendError, match="not JSON"):
-        for chunk in _marked(EventStreamDecoder("u", 1).feed(event("ok") + b"data: {oops\n\n")):
-            got.append(chunk.text)
-    assert got == ["ok"]
+    assert decoder.failure is None
+    decoder = EventStreamDecoder("u", 1)
+    chunks = decoder.feed(event("ok") + b"data: {oops\n\n" + event("never"))
+    assert [(c.text, c.more_ready) for c in chunks] == [("ok", False)]
+    assert isinstance(decoder.failure, BackendError) and "not JSON" in decoder.failure.message

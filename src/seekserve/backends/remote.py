@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,11 +190,15 @@ class RemoteBackend:
             async for raw in response:
                 if decoder.done:
                     continue    # read to the end, so the connection goes back to the pool
-                for chunk in _marked(decoder.feed(raw)):
+                for chunk in decoder.feed(raw):
                     yielded = True
                     yield chunk
+                if decoder.failure is not None:    # raised once the chunks before the bad event went out
+                    raise decoder.failure
             for chunk in decoder.end():
                 yield chunk
+            if decoder.failure is not None:
+                raise decoder.failure
         except HTTPClientError as e:
             if decoder.done:    # everything was delivered; only the tail of the body went missing
                 log.debug("upstream %s: the end of a finished stream failed: %r", self.config.name, e)
@@ -203,24 +207,6 @@ class RemoteBackend:
             raise transport_error(self.config.name, e, mid_stream=True, retryable=not yielded) from e
         finally:
             await response.aclose()
-
-
-def _marked(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    """The chunks of one network read, each but the last marked `more_ready`. A bad event raises only after
-    the chunks decoded before it went out."""
-    held: Chunk | None = None
-    try:
-        for chunk in chunks:
-            if held is not None:
-                held.more_ready = True
-                yield held
-            held = chunk
-    except BackendError:
-        if held is not None:
-            yield held
-        raise
-    if held is not None:
-        yield held
 
 
 class RemoteStream:

@@ -4,7 +4,6 @@ until the usage numbers arrive, so the last chunk of every choice carries them).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from pydantic_core import from_json
@@ -40,9 +39,13 @@ class SSEParser:
                 for line in text.split("\n"):
                     if line.startswith("data: "):     # nearly every line: handled here, not in _line
                         data.append(line[6:])
-                    elif line or data:
+                    elif line:
                         self._line(line, events)
-                        data = self._data
+                    elif data:      # a blank line: dispatch (most events are one data line)
+                        events.append(SSEEvent(data[0] if len(data) == 1 else "\n".join(data),
+                                               self._event or "message"))
+                        data = self._data = []
+                        self._event = ""
                     else:
                         self._event = ""
             return events
@@ -98,47 +101,65 @@ def _line_end(buf: bytearray, start: int) -> tuple[int, int] | None:
 
 
 class EventStreamDecoder:
-    """One upstream response's bytes -> Chunks; `done` once `data: [DONE]` was read."""
+    """One upstream response's bytes -> Chunks; `done` once `data: [DONE]` was read. Each `feed` returns the
+    chunks that read completed, every one but the last marked `more_ready` (the API writes them in one
+    go). A bad event ends the stream: the chunks decoded before it are returned and the error is kept in
+    `failure`, for the caller to raise once they went out."""
 
     def __init__(self, upstream: str, n: int) -> None:
         self.upstream = upstream
         self.parser, self.translator = SSEParser(), ChunkTranslator(upstream, n)
         self.done = False
+        self.failure: BackendError | None = None
 
-    def feed(self, raw: bytes) -> Iterator[Chunk]:
-        """The chunks these bytes complete, one by one: those decoded before a bad event are delivered
-        before its error is raised."""
-        yield from self._events(self.parser.feed(raw))
-        if self.parser.num_pending_bytes > MAX_LINE_BYTES:
-            raise BackendError(f"the upstream {self.upstream} sent a line of over {MAX_LINE_BYTES} bytes",
-                               status=502, code="upstream_error", error_type="server_error")
+    def feed(self, raw: bytes) -> list[Chunk]:
+        chunks = self._translate(self.parser.feed(raw))
+        if self.parser.num_pending_bytes > MAX_LINE_BYTES and self.failure is None:
+            self.failure = BackendError(f"the upstream {self.upstream} sent a line of over {MAX_LINE_BYTES} "
+                                        "bytes", status=502, code="upstream_error", error_type="server_error")
+        return chunks
 
-    def end(self) -> Iterator[Chunk]:
+    def end(self) -> list[Chunk]:
         """The input ended: a stream without [DONE] is fine (some servers omit it) if every choice ended."""
-        yield from self._events(self.parser.close())
-        if self.done:
-            return
+        chunks = self._translate(self.parser.close())
+        if self.done or self.failure is not None:
+            return chunks
         if not self.translator.all_finished:
-            raise BackendError(f"the upstream {self.upstream} ended the stream before the completion finished",
-                               status=502, code="upstream_error", error_type="server_error")
-        yield from self.translator.flush()
+            self.failure = BackendError(f"the upstream {self.upstream} ended the stream before the completion "
+                                        "finished", status=502, code="upstream_error", error_type="server_error")
+            return chunks
+        return _marked(chunks + self.translator.flush())
 
-    def _events(self, events: list[SSEEvent]) -> Iterator[Chunk]:
-        for event in events:
-            if self.done:
+    def _translate(self, events: list[SSEEvent]) -> list[Chunk]:
+        out: list[Chunk] = []
+        translate = self.translator.feed
+        for data, kind in events:
+            if self.done or self.failure is not None:
                 break
-            if event.data.strip() == "[DONE]":
+            if data == "[DONE]" or data.strip() == "[DONE]":
                 self.done = True
-                yield from self.translator.flush()
+                out += self.translator.flush()
                 break
             try:
-                obj = from_json(event.data)     # pydantic's parser: a third of json.loads' time
+                obj = from_json(data)     # pydantic's parser: a third of json.loads' time
             except ValueError:
-                raise BackendError(f"the upstream {self.upstream} sent an event that is not JSON", status=502,
-                                   code="upstream_error", error_type="server_error") from None
-            if event.event == "error" and isinstance(obj, dict) and "error" not in obj:
+                self.failure = BackendError(f"the upstream {self.upstream} sent an event that is not JSON",
+                                            status=502, code="upstream_error", error_type="server_error")
+                break
+            if kind == "error" and isinstance(obj, dict) and "error" not in obj:
                 obj = {"error": obj}
-            yield from self.translator.feed(obj)
+            try:
+                translate(obj, out)
+            except BackendError as e:
+                self.failure = e
+                break
+        return _marked(out)
+
+
+def _marked(chunks: list[Chunk]) -> list[Chunk]:
+    for chunk in chunks[:-1]:
+        chunk.more_ready = True
+    return chunks
 
 
 class ChunkTranslator:
@@ -156,15 +177,16 @@ class ChunkTranslator:
     def all_finished(self) -> bool:
         return len(self.finished) >= self.n
 
-    def feed(self, obj: Any) -> list[Chunk]:
-        if not isinstance(obj, dict):
+    def feed(self, obj: Any, ready: list[Chunk]) -> None:
+        """Append the chunks `obj` makes ready to `ready`."""
+        if type(obj) is not dict:
             raise BackendError(f"the upstream {self.upstream} sent a malformed stream event", status=502,
                                code="upstream_error", error_type="server_error")
-        if obj.get("error") and not obj.get("choices"):
+        choices = obj.get("choices")
+        if not choices and obj.get("error"):
             raise BackendError(f"the upstream {self.upstream} failed mid-stream: {_error_message(obj)}",
                                status=502, code="upstream_error", error_type="server_error")
-        ready: list[Chunk] = []
-        for choice in obj.get("choices") or []:
+        for choice in choices or ():
             try:
                 chunk = _chunk(choice)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -175,15 +197,17 @@ class ChunkTranslator:
                 self.finished.add(chunk.index)
             elif chunk.text or chunk.reasoning_text or chunk.logprobs:
                 ready.append(chunk)
-        if obj.get("usage"):
-            self.usage = obj["usage"]
+        usage = obj.get("usage")
+        if usage:
+            self.usage = usage
             # the usage-only chunk is the last one; usage on a chunk is final once every choice is done
-            if not obj.get("choices") or self.all_finished:
+            if not choices or self.all_finished:
                 ready += self.flush()
-        return ready
 
     def flush(self) -> list[Chunk]:
         """The held finishing chunks, with whatever usage is known (none if the upstream never sends it)."""
+        if not self.held:
+            return []
         prompt, cached, completion, reasoning = usage_numbers(self.usage or {})
         chunks = [self.held[i] for i in sorted(self.held)]
         for chunk in chunks:
@@ -209,12 +233,16 @@ def usage_numbers(usage: dict[str, Any]) -> tuple[int, int, int, int]:
 
 
 def _chunk(choice: dict[str, Any]) -> Chunk:
-    delta = choice.get("delta") or {}
     # chat: delta.content; completions: text. Reasoning: DeepSeek's reasoning_content, newer vLLM's reasoning
-    text = delta.get("content") or choice.get("text") or ""
-    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-    return Chunk(index=int(choice.get("index") or 0), text=text, reasoning_text=reasoning,
-                 finish_reason=choice.get("finish_reason") or None, logprobs=_logprobs(choice.get("logprobs")))
+    delta = choice.get("delta")
+    if delta:
+        text = delta.get("content") or choice.get("text") or ""
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    else:
+        text, reasoning = choice.get("text") or "", ""
+    index, finish, lp = choice.get("index"), choice.get("finish_reason"), choice.get("logprobs")
+    return Chunk(int(index) if index else 0, text, reasoning, finish_reason=finish or None,
+                 logprobs=_logprobs(lp) if lp else None)
 
 
 def _logprobs(lp: Any) -> list[LogprobEntry] | None:

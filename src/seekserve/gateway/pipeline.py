@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -188,7 +187,7 @@ class Gateway:
         latency_ms = (time.perf_counter() - call.started) * 1000
         price = None if call.cache_hit or call.backend == "local" else self.prices.get(model)
         self.writer.add_usage(UsageRecord(
-            event_id=uuid.uuid4().hex, site=self.site, request_id=call.requests[0].request_id, key_id=p.subject,
+            site=self.site, request_id=call.requests[0].request_id, key_id=p.subject,
             tenant=p.tenant, model=model, backend=call.backend or "none", prompt_tokens=prompt,
             cached_tokens=cached, completion_tokens=completion, cost_usd=cost_usd(price, prompt, cached, completion),
             status=call.status, latency_ms=latency_ms, sensitivity=call.classification.level.name))

@@ -7,17 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import from_json
-from sqlalchemy import Connection, Row, String, select, type_coerce
+from sqlalchemy import Connection, Row, String, bindparam, select, type_coerce
 
 from seekserve.store.db import Database
-from seekserve.store.models import AuditRow, check_text, require_aware, utcnow
+from seekserve.store.models import AuditRow, check_text, new_event_id, require_aware, utcnow
 
 GENESIS_HASH = "0" * 64
 _TEXT_LIMITS = {"event_id": 64, "site": 64, "actor": 255, "tenant": 128, "action": 64, "target": 512,
@@ -29,9 +28,12 @@ _RAW_COLUMNS = (AuditRow.seq, AuditRow.event_id, AuditRow.site, type_coerce(Audi
 _EVENT_KEYS = frozenset({"actor", "tenant", "action", "target", "status", "detail", "event_id", "ts"})
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
     """The one JSON spelling hashed: sorted keys, no spaces, UTF-8 kept, NaN/Infinity refused."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def chain_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
@@ -105,7 +107,7 @@ class AuditEvent:
     target: str = ""
     status: str = "ok"
     detail: dict[str, Any] = field(default_factory=dict)
-    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    event_id: str = field(default_factory=new_event_id)
     ts: datetime = field(default_factory=utcnow)
 
 
@@ -159,6 +161,8 @@ class AuditLog:
     def __init__(self, db: Database, site: str) -> None:
         self._db, self.site = db, check_text(site, "site", _TEXT_LIMITS["site"])
         self._insert = db.bulk_insert(AuditRow, _ROW_FIELDS)
+        self._last = db.prepared(select(AuditRow.hash).where(AuditRow.site == bindparam("site"))
+                                 .order_by(AuditRow.seq.desc()).limit(1))
 
     @property
     def db(self) -> Database:
@@ -217,19 +221,14 @@ class AuditLog:
         """The rows of `events` chained after this site's last record, in _ROW_FIELDS order."""
         if not events:
             return []
-        prev_hash, rows = self._last_hash(connection, self.site), []
+        last = self._last.scalar(connection, site=self.site)
+        prev_hash, rows = GENESIS_HASH if last is None else last, []
         for e in events:
             digest = chain_hash(prev_hash, _hashed_fields(e, self.site, prev_hash))
             rows.append((e.event_id, self.site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, e.detail,
                          prev_hash, digest))
             prev_hash = digest
         return rows
-
-    @staticmethod
-    def _last_hash(connection: Connection, site: str) -> str:
-        last = connection.execute(select(AuditRow.hash).where(AuditRow.site == site)
-                                  .order_by(AuditRow.seq.desc()).limit(1)).scalar()
-        return GENESIS_HASH if last is None else last
 
     def verify(self, site: str | None = None) -> tuple[bool, int | None]:
         """Recompute every chain (or one site's). (True, None) when intact, else (False, seq of the first

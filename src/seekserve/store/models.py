@@ -4,6 +4,8 @@ dialects."""
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +28,13 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_event_id() -> str:
+    """32 hex digits: the time in milliseconds (48 bits), then 80 random bits. Ids made later sort later, so
+    the unique index on event_id grows at its end: a batch of records dirties a few index pages, not one
+    page per record as random (uuid4) ids did."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def require_aware(value: datetime, what: str) -> datetime:

@@ -4,7 +4,6 @@ Invariant: adding the same event_id twice (a retry, a replayed Kafka message) st
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -13,17 +12,13 @@ from typing import Any
 from sqlalchemy import Connection, Select, func, select
 
 from seekserve.store.db import Database
-from seekserve.store.models import UsageRow, check_text, require_aware, utcnow
+from seekserve.store.models import UsageRow, check_text, new_event_id, require_aware, utcnow
 
 # column sizes of usage_records, checked before writing so both dialects accept and refuse the same values
 _TEXT_LIMITS = {"event_id": 64, "site": 64, "request_id": 128, "key_id": 255, "tenant": 128, "model": 255,
                 "backend": 64, "sensitivity": 32}
 _INTS = ("prompt_tokens", "cached_tokens", "completion_tokens", "status")
 _FLOATS = ("cost_usd", "latency_ms")
-
-
-def _new_event_id() -> str:
-    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +38,7 @@ class UsageRecord:
     status: int = 200                 # HTTP status of the response
     latency_ms: float = 0.0
     sensitivity: str = "none"
-    event_id: str = field(default_factory=_new_event_id)
+    event_id: str = field(default_factory=new_event_id)
     ts: datetime = field(default_factory=utcnow)
 
     def __post_init__(self) -> None:   # one record per request: the common case costs a few type checks
