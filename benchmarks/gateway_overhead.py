@@ -17,6 +17,7 @@ and after the timed part. Medians over --repeat.
   python benchmarks/gateway_overhead.py --server-python /tmp/venv/bin/python   # e.g. with httptools+uvloop
   python benchmarks/gateway_overhead.py --litellm /tmp/litellm-venv/bin/litellm  # LiteLLM's proxy beside
   python benchmarks/gateway_overhead.py --raw-floor        # + a uvloop/httptools byte relay: Python's least
+  python benchmarks/gateway_overhead.py --asgi-floor       # + uvicorn and seekserve's upstream client alone
   python benchmarks/gateway_overhead.py --profile cprofile|py-spy                # where a request goes
 
 Last line of stdout: one JSON object.
@@ -227,12 +228,42 @@ uvloop.run(main())
 """
 
 
-def start_floor(python: str, upstream_port: int, work: Path, label: str, raw: bool = False) -> Target:
+# seekserve's own serving path without the gateway: uvicorn, a bare ASGI app and seekserve's upstream client
+# (backends/http1.py), relaying the body. seekserve minus this = what auth, limits, classification, routing,
+# SSE decoding/encoding, usage and audit cost
+ASGI_FLOOR_APP = """
+import sys, uvicorn
+from seekserve.backends.http1 import ConnectionPool
+port, upstream = int(sys.argv[1]), sys.argv[2]
+pool = None
+
+async def app(scope, receive, send):
+    global pool
+    if scope["type"] != "http":
+        return
+    pool = pool or ConnectionPool(upstream, connect_timeout=5, read_timeout=60, max_connections=100)
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    response = await pool.post("/v1/chat/completions", body)
+    await send({"type": "http.response.start", "status": response.status,
+                "headers": [(b"content-type", response.headers.get("content-type", "").encode())]})
+    async for part in response:
+        await send({"type": "http.response.body", "body": part, "more_body": True})
+    await response.aclose()
+    await send({"type": "http.response.body", "body": b""})
+
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+"""
+
+
+def start_floor(python: str, upstream_port: int, work: Path, label: str, kind: str = "floor") -> Target:
     port = free_port()
-    kind = "raw-floor" if raw else "floor"
     log = work / f"{kind}-{label}.log"
-    args = [RAW_FLOOR_APP, str(port), str(upstream_port)] if raw else \
-        [FLOOR_APP, str(port), f"http://127.0.0.1:{upstream_port}/v1"]
+    args = {"floor": [FLOOR_APP, str(port), f"http://127.0.0.1:{upstream_port}/v1"],
+            "raw-floor": [RAW_FLOOR_APP, str(port), str(upstream_port)],
+            "asgi-floor": [ASGI_FLOOR_APP, str(port), f"http://127.0.0.1:{upstream_port}"]}[kind]
     proc = spawn([python, "-c", *args], log)
     wait_http(port, proc, f"{kind} proxy", log)
     return Target(f"{kind} {label}", port, proc, log=log)
@@ -548,6 +579,10 @@ def main() -> int:
     ap.add_argument("--raw-floor", action="store_true",
                     help="also measure a raw floor: a uvloop + httptools byte relay with no framework (the least "
                          "a Python proxy costs; needs httptools and uvloop in that interpreter)")
+    ap.add_argument("--asgi-floor", action="store_true",
+                    help="also measure seekserve's serving path without the gateway: uvicorn + a bare ASGI relay "
+                         "over seekserve's upstream client (what the gateway's own work costs is seekserve "
+                         "minus this)")
     ap.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` CLI: measure its proxy too")
     ap.add_argument("--profile", choices=["cprofile", "py-spy"], default=None,
                     help="profile the gateway at concurrency 1 after (or, with --profile-only, instead of) "
@@ -583,8 +618,11 @@ def main() -> int:
                     targets.append(start_floor(python, upstream_port, work, slug))
                     targets[-1].name = f"floor {label}"
                 if args.raw_floor:
-                    targets.append(start_floor(python, upstream_port, work, slug, raw=True))
+                    targets.append(start_floor(python, upstream_port, work, slug, kind="raw-floor"))
                     targets[-1].name = f"raw floor {label}"
+                if args.asgi_floor:
+                    targets.append(start_floor(python, upstream_port, work, slug, kind="asgi-floor"))
+                    targets[-1].name = f"asgi floor {label}"
                 targets.append(start_seekserve(python, upstream_port, work, slug))
                 targets[-1].name = f"seekserve {label}"
             if args.litellm:

@@ -26,12 +26,15 @@ class LocalBackend:
         self.max_queued_requests = max_queued_requests
         self.num_queued = 0          # admitted, no output yet (waiting for a slot or in prefill)
         self.num_active = 0          # admitted, not finished
+        self._models: tuple[ModelInfo, ...] | None = None
 
     # -- Backend protocol ---------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        max_len = self.engine.resolved.max_model_len
-        return [ModelInfo(id=name, owned_by="seekserve", max_model_len=max_len, reasoning=self.reasoning)
-                for name in self.names]
+        if self._models is None:    # fixed once the engine is built; asked several times per request
+            max_len = self.engine.resolved.max_model_len
+            self._models = tuple(ModelInfo(id=name, owned_by="seekserve", max_model_len=max_len,
+                                           reasoning=self.reasoning) for name in self.names)
+        return list(self._models)
 
     def is_ready(self) -> bool:
         return self.async_engine.is_alive

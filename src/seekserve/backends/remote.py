@@ -124,6 +124,8 @@ class RemoteBackend:
     def __init__(self, config: RemoteBackendConfig) -> None:
         self.config = config
         self._models = {m.alias: m for m in config.models}
+        self._infos = tuple(ModelInfo(id=m.alias, owned_by=config.name, max_model_len=m.max_model_len,
+                                      reasoning=m.reasoning) for m in config.models)
         self._base = config.base_url.rstrip("/")
         self._secret = read_api_key(config)
         headers = {"User-Agent": "seekserve", "Accept": "text/event-stream", **config.extra_headers}
@@ -146,8 +148,7 @@ class RemoteBackend:
 
     # -- Backend protocol ---------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=m.alias, owned_by=self.config.name, max_model_len=m.max_model_len,
-                          reasoning=m.reasoning) for m in self.config.models]
+        return list(self._infos)
 
     def is_ready(self) -> bool:
         return True     # reachability is the router's business (health probes, circuit breaking)

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter
@@ -39,16 +39,16 @@ REASON_UNAVAILABLE = "limiter_unavailable"  # the shared backend is down and fai
 class Scope:
     key: str        # "key:key_ab12" or "tenant:acme": names the shared state, so it must be stable
     limits: Limits
+    # (kind, limit) of each rate this scope limits, in RATE_KINDS order; derived once from `limits`
+    rates: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (*RATE_KINDS, "max_concurrency"):
             value = getattr(self.limits, name)
             if value is not None and value <= 0:
                 raise ValueError(f"scope {self.key}: {name} must be positive or None, not {value}")
-
-    def rate_limits(self) -> list[tuple[str, float]]:
-        """(kind, limit) of each rate this scope limits, in RATE_KINDS order."""
-        return [(kind, limit) for kind in RATE_KINDS if (limit := getattr(self.limits, kind)) is not None]
+        object.__setattr__(self, "rates", tuple((kind, limit) for kind in RATE_KINDS
+                                                if (limit := getattr(self.limits, kind)) is not None))
 
     @property
     def is_limited(self) -> bool:
@@ -159,14 +159,18 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs}" if minutes else secs
 
 
+@functools.lru_cache(maxsize=1024)      # a handful of configured limits, formatted on every request
 def _format_limit(limit: float) -> str:
     return str(int(limit)) if float(limit).is_integer() else f"{limit:.6g}"
 
 
+_TRIO_NAMES = {what: tuple(f"x-ratelimit-{part}-{what}" for part in ("limit", "remaining", "reset"))
+               for what in ("requests", "tokens")}
+
+
 def _trio(what: str, check: Check) -> dict[str, str]:
-    return {f"x-ratelimit-limit-{what}": _format_limit(check.limit),
-            f"x-ratelimit-remaining-{what}": str(check.remaining),
-            f"x-ratelimit-reset-{what}": format_duration(check.reset)}
+    limit, remaining, reset = _TRIO_NAMES[what]
+    return {limit: _format_limit(check.limit), remaining: str(check.remaining), reset: format_duration(check.reset)}
 
 
 def rate_headers(checks: list[Check]) -> dict[str, str]:
@@ -266,9 +270,12 @@ class InProcessRateLimiter:
         self._num_acquires += 1
         if self._num_acquires % self.SWEEP_EVERY == 0:
             self._sweep(now)
-        steps = [_Step(scope.key, kind, limit, *gcra(self._tats.get(scope.key, {}).get(kind), now, kind, limit,
-                                                      tokens if kind == "tpm" else 1))
-                 for scope in scopes for kind, limit in scope.rate_limits()]
+        steps = []
+        for scope in scopes:
+            tats = self._tats.get(scope.key)
+            for kind, limit in scope.rates:
+                steps.append(_Step(scope.key, kind, limit, *gcra(tats.get(kind) if tats else None, now, kind, limit,
+                                                                 tokens if kind == "tpm" else 1)))
         # scope key → (max concurrency, slots in use)
         slots = {s.key: (s.limits.max_concurrency, self._live_slots(s.key, now))
                  for s in scopes if s.limits.max_concurrency is not None}

@@ -51,28 +51,23 @@ class RecordWriter:
         self.usage, self.audit = usage, audit
         self.flush_interval, self.max_batch = flush_interval, max_batch
         self.on_written = on_written           # e.g. the Kafka outbox publisher
-        self._queue: queue.Queue[UsageRecord | AuditEvent | None] = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
+        # SimpleQueue: a put takes no Python-level lock (it is on every request's path). A threading.Event in
+        # the queue is a flush() waiting for everything queued before it.
+        self._queue: queue.SimpleQueue[UsageRecord | AuditEvent | threading.Event | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="seekserve-records", daemon=True)
         self._thread.start()
 
     def add_usage(self, record: UsageRecord) -> None:
-        self._idle.clear()
         self._queue.put(record)
 
     def add_audit(self, event: AuditEvent) -> None:
-        self._idle.clear()
         self._queue.put(event)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is written."""
-        deadline = time.monotonic() + timeout
-        while not (self._queue.empty() and self._idle.is_set()):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        """Wait until everything queued so far is written (or given up on after its retries)."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         self._queue.put(None)
@@ -84,22 +79,29 @@ class RecordWriter:
         # lock from the event loop) twice per request.
         stopping = False
         while not stopping:
-            batch: list[UsageRecord | AuditEvent] = []
             item = self._queue.get()
-            if item is not None:
+            if isinstance(item, (UsageRecord, AuditEvent)):
                 time.sleep(self.flush_interval)
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= self.max_batch:
+            batch: list[UsageRecord | AuditEvent] = []
+            waiting: list[threading.Event] = []
+            while True:
+                if item is None:
+                    stopping = True
                     break
+                if isinstance(item, threading.Event):
+                    waiting.append(item)
+                else:
+                    batch.append(item)
+                    if len(batch) >= self.max_batch:
+                        break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            stopping = item is None
-            self._write(batch)
-            if self._queue.empty():
-                self._idle.set()
+            if batch:
+                self._write(batch)
+            for done in waiting:
+                done.set()
 
     def _write(self, batch: list[UsageRecord | AuditEvent]) -> None:
         usage = [r for r in batch if isinstance(r, UsageRecord)]

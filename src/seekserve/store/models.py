@@ -66,7 +66,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        value = require_aware(value, "timestamp")
+        if type(value) is not datetime or value.tzinfo is not UTC:    # the usual aware UTC value skips this
+            value = require_aware(value, "timestamp")
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
