@@ -9,10 +9,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from seekserve.store.audit import GENESIS_HASH, AuditEvent, AuditLog, AuditRecord, canonical_json
+from seekserve.store.audit import (
+    GENESIS_HASH,
+    AuditEvent,
+    AuditLog,
+    AuditRecord,
+    _hashed_fields,
+    _hashed_json,
+    canonical_json,
+)
 from seekserve.store.db import Database, default_database_url, upgrade
 from tests.store.test_db import database, sqlite_template, store_pg_url  # noqa: F401  (fixtures)
 
@@ -28,6 +38,22 @@ def test_append_builds_a_chain(database: Database) -> None:  # noqa: F811
     assert (first.seq, second.seq) == (1, 2)
     assert log.verify() == (True, None)
     assert log.query() == [second, first]
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                            | st.text(), lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+@given(st.text(max_size=20), st.text(max_size=20), st.text(max_size=20), st.text(max_size=20),
+       st.dictionaries(st.text(max_size=8), _json_values, max_size=4), st.text(max_size=10))
+def test_hashed_json_is_the_canonical_spelling(actor: str, tenant: str, action: str, target: str,
+                                               detail: dict, site: str) -> None:
+    """The chain's fast spelling of what is hashed is byte for byte canonical_json of the hashed fields
+    (quotes, backslashes, control characters and non-ASCII included)."""
+    event = AuditEvent(actor=actor, tenant=tenant, action=action, target=target, status='o"k\\', detail=detail)
+    prev = "ab" * 32
+    assert _hashed_json(event, site, prev, canonical_json(detail)) == canonical_json(_hashed_fields(event, site, prev))
 
 
 def test_append_many_and_retries(database: Database) -> None:  # noqa: F811

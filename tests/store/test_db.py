@@ -7,11 +7,14 @@ import shutil
 import stat
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import URL, create_engine, exc, inspect, make_url, text
 from sqlalchemy.pool import NullPool
 
@@ -223,3 +226,30 @@ def test_missing_schema_is_a_clear_store_error(tmp_path: Path) -> None:
             KeyStore(db, b"p" * 32).list()
     finally:
         db.close()
+
+
+@given(st.datetimes(timezones=st.just(UTC)))
+def test_bulk_insert_timestamps_bind_as_sqlalchemy_would(value: datetime) -> None:
+    """BulkInsert's shortcut for aware timestamps on SQLite gives the text SQLAlchemy's own processors give."""
+    from sqlalchemy.dialects.sqlite import pysqlite
+
+    from seekserve.store.db import _fast_processor
+    from seekserve.store.models import UTCDateTime
+    dialect = pysqlite.dialect()
+    fast = _fast_processor(UTCDateTime(), dialect)
+    slow = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert fast is not None and slow is not None and fast(value) == slow(value)
+
+
+def test_bulk_insert_takes_json_text_on_either_driver() -> None:
+    """A JSONText value is stored as is where the driver binds JSON as text, and decoded where it wraps."""
+    from sqlalchemy import JSON
+    from sqlalchemy.dialects.postgresql import psycopg
+    from sqlalchemy.dialects.sqlite import pysqlite
+
+    from seekserve.store.db import JSONText, _fast_processor
+    value = {"b": [1, "é"], "a": None}
+    on_sqlite = _fast_processor(JSON(), pysqlite.dialect())
+    assert on_sqlite is not None and on_sqlite(JSONText('{"a":null}')) == '{"a":null}'
+    on_pg = _fast_processor(JSON(), psycopg.dialect())
+    assert on_pg is not None and on_pg(JSONText('{"b":[1,"é"],"a":null}')).obj == value

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic_core import from_json
 from sqlalchemy import Connection, Row, String, bindparam, select, type_coerce
 
-from seekserve.store.db import Database
+from seekserve.store.db import Database, JSONText
 from seekserve.store.models import AuditRow, check_text, new_event_id, require_aware, utcnow
 
 GENESIS_HASH = "0" * 64
@@ -87,8 +87,24 @@ def _hashed_fields(e: AuditRecord | AuditEvent, site: str, prev_hash: str) -> di
             "action": e.action, "target": e.target, "status": e.status, "detail": e.detail, "prev_hash": prev_hash}
 
 
+_HASHED_KEYS = ("action", "actor", "detail", "event_id", "prev_hash", "site", "status", "target", "tenant", "ts")
+assert list(_HASHED_KEYS) == sorted(_HASHED_KEYS)
+_quote = json.encoder.encode_basestring   # what the canonical encoder writes for a str (ensure_ascii=False)
+
+
+def _hashed_json(e: AuditEvent, site: str, prev_hash: str, detail_json: str) -> str:
+    """canonical_json(_hashed_fields(e, site, prev_hash)), spelled out key by key (sorted) around the
+    detail's canonical JSON: the same text (a test compares them), without encoding the detail twice."""
+    return (f'{{"action":{_quote(e.action)},"actor":{_quote(e.actor)},"detail":{detail_json},'
+            f'"event_id":{_quote(e.event_id)},"prev_hash":{_quote(prev_hash)},"site":{_quote(site)},'
+            f'"status":{_quote(e.status)},"target":{_quote(e.target)},"tenant":{_quote(e.tenant)},'
+            f'"ts":{_quote(_ts_text(e.ts))}}}')
+
+
 def _ts_text(ts: datetime) -> str:
-    return require_aware(ts, "ts").isoformat(timespec="microseconds")
+    if type(ts) is not datetime or ts.tzinfo is not UTC:
+        ts = require_aware(ts, "ts")
+    return ts.isoformat(timespec="microseconds")
 
 
 def _record(row: AuditRow | Row[Any]) -> AuditRecord:
@@ -149,7 +165,12 @@ def _plain(value: Any, depth: int = 0) -> bool:
     if depth > 16:
         return False
     if kind is dict:
-        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+        for k, v in value.items():    # a loop, not all(...): scalars (nearly every value) cost no call
+            item = type(v)
+            if type(k) is not str or not (item is str or item is int or item is bool or v is None
+                                          or _plain(v, depth + 1)):
+                return False
+        return True
     if kind is list:
         return all(_plain(v, depth + 1) for v in value)
     return False
@@ -207,14 +228,15 @@ class AuditLog:
         # a stored event_id is a retry: answer with what is stored
         done = {row.event_id: _record(row)
                 for row in connection.execute(select(table).where(table.c.event_id.in_(ids)))}
-        rows = self._chain(connection, [event for event in pending if event.event_id not in done])
+        fresh = [event for event in pending if event.event_id not in done]
+        rows = self._chain(connection, fresh)
         if rows:
             self._insert.execute(connection, rows)
             # the rows ran in list order, each taking the next seq under the lock: read them back in one query
             seqs = dict(connection.execute(select(table.c.event_id, table.c.seq)
                                            .where(table.c.event_id.in_([row[0] for row in rows]))).all())
-            for row in rows:        # rows are in AuditRecord's field order, seq last
-                done[row[0]] = AuditRecord(*row, seq=seqs[row[0]])
+            for row, event in zip(rows, fresh):   # rows are in AuditRecord's field order; detail as JSON text
+                done[row[0]] = AuditRecord(*row[:8], event.detail, *row[9:], seq=seqs[row[0]])
         return [done[event.event_id] for event in pending]
 
     def _chain(self, connection: Connection, events: list[AuditEvent]) -> list[tuple[Any, ...]]:
@@ -224,8 +246,9 @@ class AuditLog:
         last = self._last.scalar(connection, site=self.site)
         prev_hash, rows = GENESIS_HASH if last is None else last, []
         for e in events:
-            digest = chain_hash(prev_hash, _hashed_fields(e, self.site, prev_hash))
-            rows.append((e.event_id, self.site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, e.detail,
+            detail = JSONText(canonical_json(e.detail))    # hashed, and stored as it is
+            digest = hashlib.sha256((prev_hash + _hashed_json(e, self.site, prev_hash, detail)).encode()).hexdigest()
+            rows.append((e.event_id, self.site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, detail,
                          prev_hash, digest))
             prev_hash = digest
         return rows

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,13 +22,28 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, Engine, bindparam, create_engine, event, exc, insert, make_url, text
+from sqlalchemy import (
+    JSON,
+    URL,
+    Connection,
+    Dialect,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    exc,
+    insert,
+    make_url,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.dml import Insert
+
+from seekserve.store.models import UTCDateTime
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -239,7 +256,7 @@ class BulkInsert:
         self._index = [columns.index(name) for name in order]
         self._names = order
         self._in_order = self._index == list(range(len(columns)))
-        processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in order]
+        processors = [_fast_processor(table.c[name].type, dialect) for name in order]
         self._processed = [(i, p) for i, p in enumerate(processors) if p is not None]
 
     def execute(self, connection: Connection, rows: list[tuple[Any, ...]]) -> int:
@@ -253,6 +270,37 @@ class BulkInsert:
                 values[i] = process(values[i])
             params.append(tuple(values) if self._positional else dict(zip(self._names, values)))
         return connection.exec_driver_sql(self.sql, params).rowcount
+
+
+class JSONText(str):
+    """A value already spelled as JSON, for a JSON column of a BulkInsert: stored as it is where the
+    driver takes JSON as text (SQLite, psycopg2), decoded and bound as usual elsewhere. Spares encoding a
+    value twice when its text was needed anyway (the audit chain hashes it)."""
+
+
+_SAMPLE_TIMES = (datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC))
+
+
+def _fast_processor(column_type: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The column's bind processor, or an equivalent faster one. SQLAlchemy's chain for an aware timestamp
+    on SQLite costs about 4 µs a value; the shortcut is used only if it gives the same text on samples."""
+    slow = column_type.dialect_impl(dialect).bind_processor(dialect)
+    if slow is None:
+        return None
+    if isinstance(column_type, UTCDateTime) and dialect.name == "sqlite":
+        def fast_time(value: Any) -> Any:
+            if type(value) is datetime and value.tzinfo is UTC:
+                return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+            return slow(value)
+        if all(fast_time(t) == slow(t) for t in _SAMPLE_TIMES):
+            return fast_time
+        return slow
+    if isinstance(column_type, JSON):
+        sample = {"b": [1, "é"], "a": None}
+        if isinstance(slow(sample), str):
+            return lambda value: value if type(value) is JSONText else slow(value)
+        return lambda value: slow(json.loads(value)) if type(value) is JSONText else slow(value)
+    return slow
 
 
 class PreparedQuery:
