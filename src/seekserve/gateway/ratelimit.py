@@ -12,6 +12,7 @@ tokens (prompt + max_tokens reserved on admission; `finish` refunds or charges t
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import secrets
 import threading
@@ -65,8 +66,7 @@ class Lease:
     counted: bool = True         # False: the limiter holds nothing for it (fail-open, no tpm/concurrency)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     retry_after: float           # seconds; 0 when allowed or when retrying cannot help
     headers: dict[str, str]      # x-ratelimit-* (and retry-after, retry-after-ms on refusal)
@@ -120,11 +120,16 @@ def too_large(scopes: list[Scope] | tuple[Scope, ...], tokens: int) -> bool:
     return any(s.limits.tpm is not None and tokens > s.limits.tpm for s in scopes)
 
 
+# lease ids: a random prefix per process (leases of several replicas meet in Redis) and a counter
+_LEASE_PREFIX = secrets.token_hex(6)
+_lease_numbers = itertools.count(1)
+
+
 def new_lease(scopes: list[Scope], tokens: int, counted: bool | None = None) -> Lease:
     """A fresh lease; counted unless nothing in it needs finishing (no tpm, no concurrency limit)."""
     if counted is None:
         counted = any(s.limits.tpm is not None or s.limits.max_concurrency is not None for s in scopes)
-    return Lease(secrets.token_hex(8), tuple(scopes), tokens, time.time(), counted)
+    return Lease(f"{_LEASE_PREFIX}{next(_lease_numbers):x}", tuple(scopes), tokens, time.time(), counted)
 
 
 def gcra(stored: float | None, now: float, kind: str, limit: float, cost: int) -> tuple[float, float, float]:
@@ -175,14 +180,18 @@ def _trio(what: str, check: Check) -> dict[str, str]:
 
 def rate_headers(checks: list[Check]) -> dict[str, str]:
     """x-ratelimit-* from the tightest request bucket (fewest remaining; rpm wins a tie) and the tightest tpm
-    bucket; a trio is left out when nothing limits it."""
-    headers: dict[str, str] = {}
-    requests = [c for c in checks if c.kind in ("rps", "rpm")]
-    if requests:
-        headers |= _trio("requests", min(requests, key=lambda c: (c.remaining, c.kind != "rpm", -c.reset)))
-    tokens = [c for c in checks if c.kind == "tpm"]
-    if tokens:
-        headers |= _trio("tokens", min(tokens, key=lambda c: (c.remaining, -c.reset)))
+    bucket; a trio is left out when nothing limits it. Of equally tight buckets the first listed wins."""
+    requests = tokens = None
+    for c in checks:
+        if c.kind == "tpm":
+            if tokens is None or (c.remaining, -c.reset) < (tokens.remaining, -tokens.reset):
+                tokens = c
+        elif c.kind != "concurrency" and (requests is None or (c.remaining, c.kind != "rpm", -c.reset)
+                                          < (requests.remaining, requests.kind != "rpm", -requests.reset)):
+            requests = c
+    headers = _trio("requests", requests) if requests is not None else {}
+    if tokens is not None:
+        headers |= _trio("tokens", tokens)
     return headers
 
 
