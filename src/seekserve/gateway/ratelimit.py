@@ -111,9 +111,10 @@ def _scopes(subject: str, limits: Limits, tenant: str, tenant_limits: Limits | N
 def check_request(scopes: list[Scope], tokens: int) -> None:
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0, not {tokens}")
-    keys = [s.key for s in scopes]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"a scope appears twice in {keys}: it would be charged twice")
+    if len(scopes) > 1:
+        keys = [s.key for s in scopes]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"a scope appears twice in {keys}: it would be charged twice")
 
 
 def too_large(scopes: list[Scope] | tuple[Scope, ...], tokens: int) -> bool:
@@ -279,22 +280,27 @@ class InProcessRateLimiter:
         self._num_acquires += 1
         if self._num_acquires % self.SWEEP_EVERY == 0:
             self._sweep(now)
-        steps = []
+        steps: list[_Step] = []
+        slots: list[tuple[int, int]] = []      # (max concurrency, slots in use) of each scope that has one
+        conforming = True
         for scope in scopes:
             tats = self._tats.get(scope.key)
             for kind, limit in scope.rates:
-                steps.append(_Step(scope.key, kind, limit, *gcra(tats.get(kind) if tats else None, now, kind, limit,
-                                                                 tokens if kind == "tpm" else 1)))
-        # scope key → (max concurrency, slots in use)
-        slots = {s.key: (s.limits.max_concurrency, self._live_slots(s.key, now))
-                 for s in scopes if s.limits.max_concurrency is not None}
-        allowed = (all(step.wait <= SLACK_S for step in steps) and all(n < m for m, n in slots.values())
-                   and not too_large(scopes, tokens))
+                step = _Step(scope.key, kind, limit, *gcra(tats.get(kind) if tats else None, now, kind, limit,
+                                                           tokens if kind == "tpm" else 1))
+                conforming = conforming and step.wait <= SLACK_S
+                steps.append(step)
+            most = scope.limits.max_concurrency
+            if most is not None:
+                used = self._live_slots(scope.key, now)
+                conforming = conforming and used < most
+                slots.append((most, used))
+        allowed = conforming and not too_large(scopes, tokens)
         lease = self._commit(scopes, steps, tokens, now) if allowed else None
         checks = [Check(st.kind, st.limit, st.wait,
                         *bucket_state(st.kind, st.limit, st.new_tat if allowed else st.tat, now)) for st in steps]
         checks += [Check("concurrency", m, 0.0 if n < m else CONCURRENCY_RETRY_S, m - n - int(allowed), 0.0)
-                   for m, n in slots.values()]
+                   for m, n in slots]
         return decide(allowed, checks, scopes, tokens, lease)
 
     def _live_slots(self, key: str, now: float) -> int:
