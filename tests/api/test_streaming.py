@@ -153,3 +153,13 @@ def test_remote_chunks_of_one_read_are_marked() -> None:
     chunks = decoder.feed(event("ok") + b"data: {oops\n\n" + event("never"))
     assert [(c.text, c.more_ready) for c in chunks] == [("ok", False)]
     assert isinstance(decoder.failure, BackendError) and "not JSON" in decoder.failure.message
+
+
+@pytest.mark.parametrize("tail", [None, {"usage": None}])
+@pytest.mark.parametrize("head", [{}, {"id": "c-1", "created": 7, "model": "m", "object": "chat.completion.chunk",
+                                        "system_fingerprint": None}])
+def test_chunk_frames_match_whole_object_frames(head: dict, tail: dict | None) -> None:
+    """The frame template's bytes are those of serializing the whole chunk object."""
+    from seekserve.api.streaming import ChunkFrames, frame
+    choices = [{"index": 0, "delta": {"content": "é\n\"x\""}, "logprobs": None, "finish_reason": None}]
+    assert ChunkFrames(head, tail)(choices) == frame({**head, "choices": choices, **(tail or {})})

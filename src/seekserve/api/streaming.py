@@ -30,6 +30,18 @@ def frame(payload: dict[str, Any]) -> bytes:
     return b"data: " + to_json(payload) + b"\n\n"
 
 
+class ChunkFrames:
+    """The frames of one stream's chunk objects, which share every field but `choices`:
+    frames(choices) == frame({**head, "choices": choices, **tail}), with head and tail serialized once."""
+
+    def __init__(self, head: dict[str, Any], tail: dict[str, Any] | None = None) -> None:
+        self._prefix = b"data: " + to_json(head)[:-1] + (b',"choices":' if head else b'"choices":')
+        self._suffix = (b"," + to_json(tail)[1:] if tail else b"}") + b"\n\n"
+
+    def __call__(self, choices: list[Any]) -> bytes:
+        return self._prefix + to_json(choices) + self._suffix
+
+
 def error_frames(e: Exception) -> bytes:
     """A failure mid-stream: an OpenAI-style error event, then [DONE]."""
     message = getattr(e, "message", None) or str(e) or type(e).__name__

@@ -12,7 +12,7 @@ from seekserve.api.context import AppContext
 from seekserve.api.errors import APIError
 from seekserve.api.generation import RequestTimer, UsageTracker, request_id, sampling_params
 from seekserve.api.schemas import ChatCompletionRequest
-from seekserve.api.streaming import Reply, frame, sse_events
+from seekserve.api.streaming import ChunkFrames, Reply, frame, sse_events
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 from seekserve.gateway.principal import Principal
 
@@ -89,6 +89,7 @@ def _sse(chunks: AsyncIterator[Chunk], base: dict[str, Any], reasoning: bool, in
     """One prompt's chunks (read directly, without merge's extra step per chunk) -> SSE frames."""
     usage = UsageTracker()
     head = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
+    frames = ChunkFrames(head, {"usage": None} if include_usage else None)
     started = [False] * n
 
     def encode(chunk: Chunk) -> bytes | None:
@@ -108,7 +109,7 @@ def _sse(chunks: AsyncIterator[Chunk], base: dict[str, Any], reasoning: bool, in
         choice = {"index": chunk.index, "delta": delta,
                   "logprobs": {"content": _logprobs(chunk.logprobs)} if want_logprobs else None,
                   "finish_reason": chunk.finish_reason}
-        return frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+        return frames([choice])
 
     def last() -> list[bytes]:
         timer.done(usage)

@@ -13,7 +13,7 @@ from seekserve.api.context import AppContext
 from seekserve.api.errors import APIError
 from seekserve.api.generation import RequestTimer, UsageTracker, merge, request_id, sampling_params
 from seekserve.api.schemas import CompletionRequest
-from seekserve.api.streaming import Reply, frame, sse_events
+from seekserve.api.streaming import ChunkFrames, Reply, frame, sse_events
 from seekserve.backends.base import Chunk, GenerationRequest, LogprobEntry
 from seekserve.gateway.principal import Principal
 
@@ -85,6 +85,7 @@ def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n: int,
          include_usage: bool, timer: RequestTimer, want_logprobs: bool) -> AsyncIterator[bytes]:
     usage = UsageTracker()
     head = {**base, "object": "text_completion"}
+    frames = ChunkFrames(head, {"usage": None} if include_usage else None)
     offsets: dict[int, int] = {}   # choice -> text offset of its next token
     echoed: set[int] = set()
 
@@ -105,7 +106,7 @@ def _sse(source: AsyncIterator[tuple[int, Chunk]], base: dict[str, Any], n: int,
             lp = _logprobs(chunk.logprobs or [], start)
             offsets[idx] = start + sum(len(e.token) for e in chunk.logprobs or [])
         choice = {"index": idx, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}
-        return frame({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+        return frames([choice])
 
     def last() -> list[bytes]:
         timer.done(usage)
