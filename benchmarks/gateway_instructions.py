@@ -99,8 +99,9 @@ def thread_totals(out: Path) -> dict[str, int]:
     """Instructions of each thread's callgrind file (out-01: main thread, then others in start order)."""
     totals = {}
     for part in sorted(out.parent.glob(out.name + "-*")):
-        text = subprocess.run(["callgrind_annotate", str(part)], capture_output=True, text=True).stdout
-        m = re.search(r"^\s*([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS", text, re.M)
+        text = subprocess.run(["callgrind_annotate", str(part)], capture_output=True, text=True,
+                              check=False).stdout
+        m = re.search(r"^\s*([\d,]+)\s+\(100\.0%\)\s+PROGRAM TOTALS", text, re.MULTILINE)
         if m:
             totals[part.name.rsplit("-", 1)[1]] = int(m.group(1).replace(",", ""))
     return totals
@@ -145,7 +146,8 @@ def main() -> int:
                               f"--callgrind-out-file={out}", python, __file__, "--mode", args.mode,
                               "--requests", str(args.requests), "--warmup", str(args.warmup),
                               "--work", str(work), "--key", made.stdout.strip()],
-                             cwd=ROOT, env={**env, UNDER_VALGRIND: "1"}, capture_output=True, text=True)
+                             cwd=ROOT, env={**env, UNDER_VALGRIND: "1"}, capture_output=True, text=True,
+                             check=False)
         if run.returncode != 0:
             raise RuntimeError(f"the run under valgrind failed:\n{run.stderr[-3000:]}")
         totals = thread_totals(out)
