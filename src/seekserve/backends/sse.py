@@ -4,6 +4,7 @@ until the usage numbers arrive, so the last chunk of every choice carries them).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 from pydantic_core import from_json
@@ -16,6 +17,10 @@ MAX_LINE_BYTES = 16 << 20     # a line this long without an end is a broken upst
 class SSEEvent(NamedTuple):
     data: str
     event: str = "message"
+
+
+# an SSEEvent made without NamedTuple's Python-level __new__ (a frame per event on the hot path)
+_event = functools.partial(tuple.__new__, SSEEvent)
 
 
 class SSEParser:
@@ -42,8 +47,8 @@ class SSEParser:
                     elif line:
                         self._line(line, events)
                     elif data:      # a blank line: dispatch (most events are one data line)
-                        events.append(SSEEvent(data[0] if len(data) == 1 else "\n".join(data),
-                                               self._event or "message"))
+                        events.append(_event((data[0] if len(data) == 1 else "\n".join(data),
+                                              self._event or "message")))
                         data = self._data = []
                         self._event = ""
                     else:
@@ -136,7 +141,7 @@ class EventStreamDecoder:
         for data, kind in events:
             if self.done or self.failure is not None:
                 break
-            if data == "[DONE]" or data.strip() == "[DONE]":
+            if data == "[DONE]" or (len(data) < 32 and data.strip() == "[DONE]"):
                 self.done = True
                 out += self.translator.flush()
                 break
@@ -241,8 +246,8 @@ def _chunk(choice: dict[str, Any]) -> Chunk:
     else:
         text, reasoning = choice.get("text") or "", ""
     index, finish, lp = choice.get("index"), choice.get("finish_reason"), choice.get("logprobs")
-    return Chunk(int(index) if index else 0, text, reasoning, finish_reason=finish or None,
-                 logprobs=_logprobs(lp) if lp else None)
+    # positional, in Chunk's field order (index, text, reasoning_text, token_ids, logprobs, finish_reason)
+    return Chunk(int(index) if index else 0, text, reasoning, [], _logprobs(lp) if lp else None, finish or None)
 
 
 def _logprobs(lp: Any) -> list[LogprobEntry] | None:
