@@ -464,6 +464,26 @@ def find_ips(scan: Scan) -> Iterator[Span]:
         colon = text.find(":", token_end)   # each token is tried once, from its first colon
 
 
+def _has_runs(scan: Scan) -> bool:
+    return bool(scan.runs)
+
+
+def _has_digit(scan: Scan) -> bool:
+    return _ANY_DIGIT.search(scan.text) is not None
+
+
+_ANY_DIGIT = re.compile(r"[0-9]")
+# What a text must hold for a detector to find anything, tested first (most prompts hold no number): the
+# digit detectors draw every candidate from Scan.runs; a passport also comes after "护照"/"passport" but
+# needs digits; an IP address is a digit run or has a colon. Email addresses have spelled-out forms: no gate.
+GATES: dict[str, Callable[[Scan], bool]] = {
+    "cn_id": _has_runs,
+    "bank_card": _has_runs,
+    "cn_mobile": _has_runs,
+    "passport": _has_digit,
+    "ip": lambda scan: bool(scan.runs) or ":" in scan.text,
+}
+
 DETECTORS: dict[str, Callable[[Scan], Iterator[Span]]] = {
     # order matters: when two kinds claim the same span, the first one listed keeps it
     "cn_id": find_cn_ids,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from seekserve.gateway.errors import GatewayError
-from seekserve.gateway.pii import DETECTORS, Scan, Span, trie_regex
+from seekserve.gateway.pii import DETECTORS, GATES, Scan, Span, trie_regex
 
 HEADER = "X-Data-Classification"
 MAX_KEYWORD_LEN = 256   # keeps the keyword trie (built recursively) far from the recursion limit
@@ -235,7 +235,8 @@ class SensitivityClassifier:
 
     def __init__(self, policy: SensitivityPolicy | None = None) -> None:
         self.policy = policy or SensitivityPolicy()
-        self._detectors = [(kind, find) for kind, find in DETECTORS.items() if kind in self.policy.detectors]
+        self._detectors = [(kind, find, GATES.get(kind)) for kind, find in DETECTORS.items()
+                           if kind in self.policy.detectors]
         self._keywords = keyword_regex(self.policy.keywords)
         self._keywords_any_case = keyword_regex(self.policy.keywords, re.IGNORECASE)
         self._patterns = [(f"pattern:{name}", re.compile(p)) for name, p in self.policy.patterns.items()]
@@ -258,7 +259,9 @@ class SensitivityClassifier:
         scan = Scan(normalized)
         rows: list[tuple[int, int, str]] = []
         pii_spans: set[Span] = set()   # PII kinds share spans: the first detector listed keeps one
-        for kind, find in self._detectors:
+        for kind, find, gate in self._detectors:
+            if gate is not None and not gate(scan):
+                continue    # nothing it needs is in the text
             found = list(find(scan))
             if not found:       # the usual case: no sorting, no set
                 continue
