@@ -72,3 +72,18 @@ def test_on_written_gets_the_chained_records(stores: tuple[UsageStore, AuditLog]
     assert [r.seq for r in audits] == [1, 2, 3, 4, 5]
     assert all(r.hash == r.expected_hash() for r in audits)
     assert sum(len(u) for u, _ in seen) == 5
+
+
+def test_flush_waits_for_what_was_queued_before_it(stores: tuple[UsageStore, AuditLog]) -> None:
+    """flush() returns once the records queued before it are stored (a 0.3 s flush interval is still being
+    slept out when it is called); after close() it answers at once."""
+    usage, audit = stores
+    writer = RecordWriter(usage, audit, flush_interval=0.3)
+    for u, a in _records(3):
+        writer.add_usage(u)
+        writer.add_audit(a)
+    assert writer.flush(timeout=10.0)
+    assert len(usage.query()) == 3 and len(audit.query()) == 3
+    assert writer.flush(timeout=10.0)      # nothing pending: no interval to sleep out
+    writer.close()
+    assert writer.flush(timeout=10.0)

@@ -65,6 +65,8 @@ class RecordWriter:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written (or given up on after its retries)."""
+        if not self._thread.is_alive():     # closed: it wrote everything queued before close()
+            return self._queue.empty()
         done = threading.Event()
         self._queue.put(done)
         return done.wait(timeout)
