@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import ROOT, free_port, spawn, stop, wait_http  # benchmarks/ is not a package
+from gateway_overhead import UPSTREAM_KEY_ENV, make_gateway_store
 
 UNDER_VALGRIND = "SEEKSERVE_UNDER_CALLGRIND"
 
@@ -39,8 +40,7 @@ def measure_inside(args: argparse.Namespace) -> None:
     from seekserve.api.app import create_app
     from seekserve.config import load_settings
 
-    work = Path(args.work)
-    settings = load_settings({"data_dir": str(work / "data")}, str(work / "seekserve.yaml"))
+    settings = load_settings({"data_dir": args.data}, args.config)
     app = create_app(settings, {})
     body = json.dumps({"model": "deepseek-chat", "stream": args.mode == "stream", "max_tokens": 64,
                        "messages": [{"role": "user", "content": "Write a short haiku about autumn leaves "
@@ -113,7 +113,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=300, help="counted requests")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--words", type=int, default=5, help="words in each answer (one chunk each)")
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.environ.get(UNDER_VALGRIND):
@@ -129,15 +130,8 @@ def main() -> int:
                      work / "upstream.log")
     try:
         wait_http(port, upstream, "fake upstream", work / "upstream.log")
-        (work / "seekserve.yaml").write_text(json.dumps({
-            "upstreams": [{"name": "cloud", "base_url": f"http://127.0.0.1:{port}/v1",
-                           "api_key_env": "BENCH_UPSTREAM_KEY", "models": [{"alias": "deepseek-chat"}]}],
-            "routes": [{"name": "public-cloud", "match": {"sensitivity": ["public"]}, "backends": ["cloud"]}]}))
-        env = {**os.environ, "BENCH_UPSTREAM_KEY": "sk-bench-upstream"}
-        made = subprocess.run([sys.executable, "-m", "seekserve.cli", "keys", "create", "--name", "bench",
-                               "--role", "developer", "--tenant", "bench", "--rpm", "100000000", "--tpm",
-                               "10000000000", "--config", str(work / "seekserve.yaml"), "--data-dir",
-                               str(work / "data")], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        gateway = make_gateway_store(sys.executable, port, work, "instr", default_backend="cloud")
+        env = {**os.environ, UPSTREAM_KEY_ENV: "sk-bench-upstream"}
         out = work / "callgrind.out"
         # the interpreter itself, not a launcher script (pyenv's shims are shell scripts)
         python = os.path.realpath(sys.executable)
@@ -145,7 +139,8 @@ def main() -> int:
         run = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                               f"--callgrind-out-file={out}", python, __file__, "--mode", args.mode,
                               "--requests", str(args.requests), "--warmup", str(args.warmup),
-                              "--work", str(work), "--key", made.stdout.strip()],
+                              "--config", str(gateway.config), "--data", str(gateway.data),
+                              "--key", gateway.key],
                              cwd=ROOT, env={**env, UNDER_VALGRIND: "1"}, capture_output=True, text=True,
                              check=False)
         if run.returncode != 0:

@@ -120,8 +120,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def start_seekserve(python: str, upstream_port: int, work: Path, label: str, profile_to: Path | None = None
-                    ) -> Target:
+@dataclass
+class GatewayStore:
+    config: Path        # upstream "cloud" serving MODEL, public traffic routed there
+    data: Path          # the store, holding one developer key with rpm/tpm limits
+    key: str
+
+    @property
+    def args(self) -> list[str]:
+        return ["--config", str(self.config), "--data-dir", str(self.data)]
+
+
+def make_gateway_store(python: str, upstream_port: int, work: Path, label: str, default_backend: str = "local"
+                       ) -> GatewayStore:
+    """A benchmark gateway's config and store: the upstream, a rule sending public traffic to it (the rest to
+    `default_backend`), and a real key made by `seekserve keys create` with limits, so the limiter runs."""
     data = work / f"data-{label}"
     data.mkdir()
     config = work / f"seekserve-{label}.yaml"
@@ -129,20 +142,27 @@ def start_seekserve(python: str, upstream_port: int, work: Path, label: str, pro
         "upstreams": [{"name": "cloud", "base_url": f"http://127.0.0.1:{upstream_port}/v1",
                        "api_key_env": UPSTREAM_KEY_ENV, "models": [{"alias": MODEL}]}],
         "routes": [{"name": "public-cloud", "match": {"sensitivity": ["public"]}, "backends": ["cloud"]},
-                   {"name": "default", "backends": ["local"]}]}))
-    store = ["--config", str(config), "--data-dir", str(data)]
+                   {"name": "default", "backends": [default_backend]}]}))
     made = subprocess.run([python, "-m", "seekserve.cli", "keys", "create", "--name", "bench", "--role",
-                           "developer", "--tenant", "bench", "--rpm", "100000000", "--tpm", "10000000000", *store],
+                           "developer", "--tenant", "bench", "--rpm", "100000000", "--tpm", "10000000000",
+                           "--config", str(config), "--data-dir", str(data)],
                           cwd=ROOT, capture_output=True, text=True, check=False)
     if made.returncode != 0:
         raise RuntimeError(f"keys create failed: {made.stderr[-2000:]}")
+    return GatewayStore(config, data, made.stdout.strip())
+
+
+def start_seekserve(python: str, upstream_port: int, work: Path, label: str, profile_to: Path | None = None
+                    ) -> Target:
+    gateway = make_gateway_store(python, upstream_port, work, label)
+    store = gateway.args
     port = free_port()
     serve = ["serve", *store, "--port", str(port), "--log-level", "warning"]
     head = [python, "-c", PROFILED_SERVE, str(profile_to)] if profile_to else [python, "-m", "seekserve.cli"]
     log = work / f"seekserve-{label}.log"
     proc = spawn(head + serve, log, env={UPSTREAM_KEY_ENV: "sk-bench-upstream"})
     wait_http(port, proc, f"seekserve ({label})", log)
-    return Target(f"seekserve {label}", port, proc, key=made.stdout.strip(), log=log)
+    return Target(f"seekserve {label}", port, proc, key=gateway.key, log=log)
 
 
 # the cost of a conventional HTTP stack alone: FastAPI + uvicorn + a pooled httpx client, passing bytes through

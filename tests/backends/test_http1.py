@@ -4,6 +4,7 @@ pool's limit and wait, and a keep-alive connection the upstream closed while idl
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import datetime
@@ -82,7 +83,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cl
     return head
 
 
-class _Server:
+class _Server(abc.ABC):
     """A loopback server for one test: `async with Upstream() as up:` serves on `up.port` until the block ends."""
     tls: ssl.SSLContext | None = None
     port = 0
@@ -95,8 +96,9 @@ class _Server:
     async def __aexit__(self, *exc: object) -> None:
         self.server.close()
 
+    @abc.abstractmethod
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
+        """One client connection (Upstream and Proxy say what they do with it)."""
 
 
 class Upstream(_Server):

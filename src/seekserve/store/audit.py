@@ -38,7 +38,11 @@ def canonical_json(value: Any) -> str:
 
 def chain_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
     """sha256 hex of prev_hash + canonical JSON of the record's fields (everything but seq and hash)."""
-    return hashlib.sha256((prev_hash + canonical_json(fields)).encode("utf-8")).hexdigest()
+    return _link(prev_hash, canonical_json(fields))
+
+
+def _link(prev_hash: str, fields_json: str) -> str:
+    return hashlib.sha256((prev_hash + fields_json).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,7 @@ class AuditLog:
         prev_hash, rows = GENESIS_HASH if last is None else last, []
         for e in events:
             detail = JSONText(canonical_json(e.detail))    # hashed, and stored as it is
-            digest = hashlib.sha256((prev_hash + _hashed_json(e, self.site, prev_hash, detail)).encode()).hexdigest()
+            digest = _link(prev_hash, _hashed_json(e, self.site, prev_hash, detail))
             rows.append((e.event_id, self.site, e.ts, e.actor, e.tenant, e.action, e.target, e.status, detail,
                          prev_hash, digest))
             prev_hash = digest
