@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+import certifi
 import httptools
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -74,11 +75,7 @@ class Origin:
 def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
     """Verified TLS 1.2+: the configured CA file, else SSL_CERT_FILE/SSL_CERT_DIR, else certifi's roots."""
     if ca_file is None and not (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")):
-        try:
-            import certifi
-            ca_file = certifi.where()
-        except ImportError:     # the system's roots
-            pass
+        ca_file = certifi.where()
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
