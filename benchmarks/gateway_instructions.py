@@ -133,8 +133,9 @@ def main() -> int:
         gateway = make_gateway_store(sys.executable, port, work, "instr", default_backend="cloud")
         env = {**os.environ, UPSTREAM_KEY_ENV: "sk-bench-upstream"}
         out = work / "callgrind.out"
-        # the interpreter itself, not a launcher script (pyenv's shims are shell scripts)
-        python = os.path.realpath(sys.executable)
+        # the running interpreter: a venv's python is a link to the binary, and keeps its venv when started by
+        # that path (os.path.realpath would lose the venv's site-packages)
+        python = sys.executable
         started = time.monotonic()
         run = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                               f"--callgrind-out-file={out}", python, __file__, "--mode", args.mode,

@@ -55,6 +55,23 @@ def test_burst_then_refusal(make: Make) -> None:
     run(make, body)
 
 
+@pytest.mark.parametrize("limits", [Limits(rpm=100_000_000, tpm=10_000_000_000), Limits(rps=4, tpm=7)])
+def test_remaining_never_exceeds_the_limit(make: Make, limits: Limits) -> None:
+    """A limit so high that the conformance slack spans many intervals (10^10 tpm: one token every 6 ns) must
+    not report more room than the bucket holds, even after refunds into a full bucket."""
+    scope = [Scope("key:big", limits)]
+
+    async def body(limiter: RateLimiter) -> None:
+        for _ in range(3):
+            decision = await limiter.acquire(scope, 5)
+            assert decision.allowed and decision.lease is not None
+            await limiter.finish(decision.lease, 0)     # the whole reservation refunded
+        headers = (await limiter.acquire(scope, 0)).headers
+        for what, limit in (("requests", limits.rpm or limits.rps), ("tokens", limits.tpm)):
+            assert int(headers[f"x-ratelimit-remaining-{what}"]) <= max(1, int(limit)), headers
+    run(make, body)
+
+
 def test_headers_after_admission(make: Make) -> None:
     scopes = [Scope("key:a", Limits(rpm=600, rps=5)), Scope("tenant:t", Limits(tpm=1000))]
 

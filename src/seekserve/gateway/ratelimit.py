@@ -144,10 +144,12 @@ def gcra(stored: float | None, now: float, kind: str, limit: float, cost: int) -
 
 
 def bucket_state(kind: str, limit: float, tat: float, now: float) -> tuple[int, float]:
-    """(remaining, reset) of a bucket whose theoretical arrival time is `tat`."""
+    """(remaining, reset) of a bucket whose theoretical arrival time is `tat`. Never more than the bucket holds:
+    with a limit so high that SLACK_S spans several intervals, the slack alone must not show as extra room."""
     interval = PERIOD_S[kind] / limit
     tolerance = max(PERIOD_S[kind], interval)
-    remaining = max(0, math.floor((now + tolerance - tat + SLACK_S) / interval))
+    capacity = math.floor(tolerance / interval + 1e-9)
+    remaining = max(0, min(capacity, math.floor((now + tolerance - tat + SLACK_S) / interval)))
     return remaining, max(0.0, tat - now)
 
 

@@ -95,7 +95,7 @@ for i = 1, n do
       if ok then tat = p[4]; redis.call('HSET', hkey, FIELD[k], string.format('%.17g', tat)); any = true end
       if tat > far then far = tat end
       out[#out + 1] = math.ceil(p[5])
-      out[#out + 1] = math.max(0, math.floor((now + p[2] - tat + slack) / p[1]))
+      out[#out + 1] = math.max(0, math.min(math.floor(p[2] / p[1] + 1e-9), math.floor((now + p[2] - tat + slack) / p[1])))
       out[#out + 1] = math.ceil(tat - now)
     else
       out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = 0
