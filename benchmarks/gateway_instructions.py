@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import ROOT, free_port, spawn, stop, wait_http  # benchmarks/ is not a package
-from gateway_overhead import UPSTREAM_KEY_ENV, make_gateway_store
+from gateway_overhead import UPSTREAM_KEY_ENV, make_gateway_store, messages
 
 UNDER_VALGRIND = "SEEKSERVE_UNDER_CALLGRIND"
 
@@ -42,17 +42,22 @@ def measure_inside(args: argparse.Namespace) -> None:
 
     settings = load_settings({"data_dir": args.data}, args.config)
     app = create_app(settings, {})
-    body = json.dumps({"model": "deepseek-chat", "stream": args.mode == "stream", "max_tokens": 64,
-                       "messages": [{"role": "user", "content": "Write a short haiku about autumn leaves "
-                                     "falling on a quiet river."}]}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
              "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
-                         (b"authorization", f"Bearer {args.key}".encode()),
-                         (b"content-length", str(len(body)).encode())]}
+                         (b"authorization", f"Bearer {args.key}".encode())]}
 
-    async def one() -> None:
+    def make(i: int) -> tuple[dict, bytes]:
+        body = json.dumps({"model": "deepseek-chat", "stream": args.mode == "stream", "max_tokens": 64,
+                           "messages": messages(i)}).encode()
+        return {**scope, "headers": [*scope["headers"], (b"content-length", str(len(body)).encode())]}, body
+
+    # made before counting starts: each request its own prompt, as in gateway_overhead.py
+    requests = [make(i) for i in range(args.warmup + args.requests)]
+
+    async def one(i: int) -> None:
+        request, body = requests[i]
         sent: list[dict] = []
         done = asyncio.Event()
         received = False
@@ -69,7 +74,7 @@ def measure_inside(args: argparse.Namespace) -> None:
             sent.append(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 done.set()
-        await app(scope, receive, send)
+        await app(request, receive, send)
         if sent[0]["status"] != 200:
             raise RuntimeError(f"the gateway answered {sent}")
 
@@ -78,14 +83,14 @@ def measure_inside(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         async with app.router.lifespan_context(app):
-            for _ in range(args.warmup):
-                await one()
+            for i in range(args.warmup):
+                await one(i)
             import gc
             gc.collect()
             gc.freeze()     # as `seekserve serve` does after start-up
             callgrind("on")
-            for _ in range(args.requests):
-                await one()
+            for i in range(args.warmup, args.warmup + args.requests):
+                await one(i)
             callgrind("off")
 
     try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -47,6 +48,13 @@ TARGET_ADDED_P50_MS, TARGET_CPU_MS = 1.0, 1.0
 LITELLM_QUOTED = {"added_p50_ms": 9.0, "cpu_ms_per_request": 9.0, "rps_per_worker": 110}
 MODEL = "deepseek-chat"
 PROMPT = "Write a short haiku about autumn leaves falling on a quiet river."
+SYSTEM = "You are a helpful assistant."
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    """Request i's messages: a fixed system prompt and a user prompt of its own (no two requests ask the same
+    thing, so nothing the gateway remembers about a text, such as its sensitivity findings, serves twice)."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{PROMPT} Take {i}."}]
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SETTLE_S = 0.2      # after a timed part: the record writer's 50 ms batch lands inside it
@@ -307,10 +315,8 @@ def start_litellm(binary: str, upstream_port: int, work: Path) -> Target:
 
 
 # -- the load generator ----------------------------------------------------------------------------------
-def request_bytes(target: Target, stream: bool) -> bytes:
-    body = json.dumps({"model": MODEL, "stream": stream, "max_tokens": 64, "messages": [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": PROMPT}]}).encode()
+def request_bytes(target: Target, stream: bool, i: int) -> bytes:
+    body = json.dumps({"model": MODEL, "stream": stream, "max_tokens": 64, "messages": messages(i)}).encode()
     head = (f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n"
             f"Authorization: Bearer {target.key}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
@@ -375,7 +381,7 @@ class Phase:
 
 async def run_phase(target: Target, upstream: subprocess.Popen, stream: bool, concurrency: int, n: int,
                     warmup: int) -> Phase:
-    raw = request_bytes(target, stream)
+    numbers = itertools.count()
     conns = [await Connection.open(target.port) for _ in range(concurrency)]
     latencies: list[float] = []
     remaining = 0
@@ -384,6 +390,7 @@ async def run_phase(target: Target, upstream: subprocess.Popen, stream: bool, co
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
+            raw = request_bytes(target, stream, next(numbers))
             t0 = time.perf_counter()
             status, head, body = await conn.exchange(raw)
             latencies.append(time.perf_counter() - t0)

@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show-text", action="store_true", help="also print misclassified items' (fake) text")
     a = ap.parse_args(argv)
 
-    clf = SensitivityClassifier()
+    # remember=0: every call scans its text. The server's classifier remembers the findings of recent texts,
+    # and the timed runs cycle through --prompts texts: they would time look-ups, not classification
+    clf = SensitivityClassifier(remember=0)
     items = load(a.corpus)
     langs = Counter(item["lang"] for item in items)
     print(f"sensitivity: corpus {a.corpus.name}: {len(items)} items "

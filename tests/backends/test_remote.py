@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -20,10 +21,21 @@ from hypothesis import strategies as st
 from seekserve.api.generation import UsageTracker
 from seekserve.backends.base import BackendError, Chunk, GenerationRequest
 from seekserve.backends.remote import RemoteBackend, RemoteBackendConfig, RemoteModel, status_error
-from seekserve.backends.sse import SSEParser
+from seekserve.backends.sse import EventStreamDecoder, SSEParser
 from seekserve.engine.params import SamplingParams
-from tests.backends.upstream import (BLANK_LINE, KEEPALIVE, Drop, FakeUpstream, Reply, Sleep, WaitFor,
-                                     chat_chunk, completion_chunk, deepseek_usage, usage_chunk)
+from tests.backends.upstream import (
+    BLANK_LINE,
+    KEEPALIVE,
+    Drop,
+    FakeUpstream,
+    Reply,
+    Sleep,
+    WaitFor,
+    chat_chunk,
+    completion_chunk,
+    deepseek_usage,
+    usage_chunk,
+)
 from tests.services import free_port
 
 KEY = "sk-remote-5f3a9c0d1e2b"
@@ -179,16 +191,64 @@ line_text = st.text(st.characters(blacklist_characters="\r\n", blacklist_categor
 
 
 @given(events=st.lists(st.lists(line_text, min_size=1, max_size=3), max_size=4),
-       eol=st.sampled_from(["\n", "\r\n", "\r"]), cuts=st.lists(st.integers(0, 10_000), max_size=12))
-def test_sse_parser_gives_the_same_events_for_any_split(events: list[list[str]], eol: str, cuts: list[int]) -> None:
-    raw = "".join(f": keep-alive{eol}{eol}" + "".join(f"data: {line}{eol}" for line in lines) + eol
-                  for lines in events).encode()
+       eol=st.sampled_from(["\n", "\r\n", "\r"]), cuts=st.lists(st.integers(0, 10_000), max_size=12),
+       keepalive=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_sse_parser_gives_the_same_events_for_any_split(events: list[list[str]], eol: str, cuts: list[int],
+                                                        keepalive: list[bool]) -> None:
+    """Any split, line ending, comment and multi-line data; without them (one `data: ` line per event, LF)
+    the parser splits whole reads at once, which must give the same events."""
+    raw = "".join((f": keep-alive{eol}{eol}" if ka else "") + "".join(f"data: {line}{eol}" for line in lines) + eol
+                  for lines, ka in zip(events, keepalive, strict=False)).encode()
     parser, got, prev = SSEParser(), [], 0
     for cut in sorted({c % (len(raw) + 1) for c in cuts}) + [len(raw)]:
         got += parser.feed(raw[prev:cut])
         prev = cut
     got += parser.close()
     assert [e.data for e in got] == ["\n".join(lines) for lines in events]
+
+
+def _per_choice(chunks: list[Chunk]) -> dict[int, tuple[str, str, list[str], str | None, tuple[int, ...]]]:
+    """What a whole (non-streamed) answer is made of, per choice."""
+    out: dict[int, tuple[str, str, list[str], str | None, tuple[int, ...]]] = {}
+    for c in chunks:
+        text, reasoning, lps, finish, _ = out.get(c.index, ("", "", [], None, ()))
+        out[c.index] = (text + c.text, reasoning + c.reasoning_text, lps + [e.token for e in c.logprobs or []],
+                        c.finish_reason or finish, (c.num_prompt_tokens, c.num_cached_tokens, c.num_output_tokens,
+                                                    c.num_reasoning_tokens))
+    return out
+
+
+piece = st.tuples(st.integers(0, 1), st.text(max_size=4), st.text(max_size=3), st.booleans())
+
+
+@given(pieces=st.lists(piece, max_size=10), cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_coalesced_reads_make_the_same_whole_answer(pieces: list[tuple[int, str, str, bool]],
+                                                    cuts: list[int]) -> None:
+    """A non-streamed request's decoder hands over one chunk per choice from each read; the whole answer
+    (texts, reasoning, logprobs, finish reasons, token counts) is that of decoding chunk by chunk."""
+    events = []
+    for index, text, reasoning, with_lp in pieces:
+        lp = {"content": [{"token": text or "x", "logprob": -0.5, "bytes": None, "top_logprobs": []}]} \
+            if with_lp else None
+        events.append(chat_chunk(text, reasoning=reasoning or None, index=index, logprobs=lp))
+    events += [chat_chunk("", index=1, finish="length"), chat_chunk("", index=0, finish="stop"),
+               usage_chunk(deepseek_usage(9, 4, cache_hit=2, reasoning=1))]
+    raw = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+    decoded: dict[bool, list[Chunk]] = {}
+    for coalesce in (False, True):
+        decoder, got, prev = EventStreamDecoder("up", 2, coalesce), [], 0
+        for cut in sorted({c % (len(raw) + 1) for c in cuts}) + [len(raw)]:
+            ready = decoder.feed(raw[prev:cut])
+            if coalesce:
+                assert len({c.index for c in ready}) == len(ready)      # one chunk per choice and read
+            assert all(c.more_ready for c in ready[:-1]) and not (ready and ready[-1].more_ready)
+            got += ready
+            prev = cut
+        got += decoder.end()
+        assert decoder.done and decoder.failure is None
+        decoded[coalesce] = got
+    assert _per_choice(decoded[True]) == _per_choice(decoded[False])
+    assert len(decoded[True]) <= len(decoded[False])
 
 
 def test_chunks_pass_through_before_the_upstream_sends_the_rest(upstream: FakeUpstream) -> None:

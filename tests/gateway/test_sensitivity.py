@@ -4,6 +4,7 @@ the policy (tenant, header, key minimum, keywords, patterns), the labelled corpu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import unicodedata
 from pathlib import Path
@@ -368,3 +369,35 @@ def test_detector_gates_never_change_the_findings(text: str) -> None:
     ungated = SensitivityClassifier()
     ungated._detectors = [(kind, find, None) for kind, find, _ in ungated._detectors]
     assert gated.scan(text) == ungated.scan(text)
+
+
+FRESH = SensitivityClassifier(remember=0)     # scans every text, remembers nothing
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=80), TRICKY, st.sampled_from(["", "手机 13812345678", "a@b.co"])),
+                max_size=6), st.integers(0, 5))
+def test_remembered_findings_are_a_fresh_scans(texts: list[str], part: int) -> None:
+    """The findings of a text seen before (same text again, at another position or in another request) are
+    those of scanning it now."""
+    clf = SensitivityClassifier(remember=4)
+    for _ in range(2):
+        for i, text in enumerate(texts):
+            assert clf.scan(text, part + i) == FRESH.scan(text, part + i)
+        assert clf.classify(texts, "acme") == FRESH.classify(texts, "acme")
+    assert len(clf._seen) <= 4
+
+
+def test_remembered_texts_are_bounded_digests_least_recently_used_dropped() -> None:
+    clf = SensitivityClassifier(remember=3)
+    for text in ("a", "b", "c"):
+        clf.scan(text)
+    clf.scan("a")           # used again: "b" is now the least recently used
+    clf.scan("身份证 " + ID_X)
+    assert len(clf._seen) == 3
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in clf._seen)    # digests, never the text
+    digest = lambda text: hashlib.blake2b(text.encode(), digest_size=16).digest()
+    assert digest("a") in clf._seen and digest("b") not in clf._seen
+    assert not any(isinstance(v, str) for rows in clf._seen.values() for row in rows for v in row[:2])
+    fresh = SensitivityClassifier(remember=0)
+    assert [fresh.scan(t) for t in ("b", "a", "身份证 " + ID_X)] == [clf.scan(t) for t in ("b", "a", "身份证 " + ID_X)]

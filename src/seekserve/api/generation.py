@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +20,9 @@ from seekserve.metric_children import child
 
 
 def request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`chatcmpl-` + 32 hex digits, as OpenAI spells them. Unique, not secret: from `random` (seeded from the
+    OS, reseeded in a forked child), not a system call per request as uuid4."""
+    return f"{prefix}-{random.getrandbits(128):032x}"
 
 
 def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
@@ -55,15 +57,15 @@ def sampling_params(body: ChatCompletionRequest | CompletionRequest) -> Sampling
                            code="invalid_value")
         logprobs, max_tokens = body.logprobs, body.max_tokens
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    kw: dict[str, Any] = dict(
-        n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(stop), max_tokens=max_tokens,
-        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-        seed=body.seed, logprobs=logprobs, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos),
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        skip_special_tokens=True if body.skip_special_tokens is None else body.skip_special_tokens)
+    kw: dict[str, Any] = {
+        "n": body.n, "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p, "stop": tuple(stop), "max_tokens": max_tokens,
+        "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+        "seed": body.seed, "logprobs": logprobs, "top_k": body.top_k or 0, "min_p": body.min_p or 0.0,
+        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "min_tokens": body.min_tokens or 0, "ignore_eos": bool(body.ignore_eos),
+        "stop_token_ids": tuple(body.stop_token_ids or ()),
+        "skip_special_tokens": True if body.skip_special_tokens is None else body.skip_special_tokens}
     return SamplingParams(**kw)   # raises InvalidRequestError (-> 400) for out-of-range values
 
 

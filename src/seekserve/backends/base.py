@@ -37,6 +37,9 @@ class GenerationRequest:
     priority: int = 0                                # lower runs first
     cache_salt: str | None = None                    # keeps tenants' prefix caches apart
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the client reads the answer as it comes (SSE). False: only the whole answer matters, so a backend may
+    # hand over what it has at once as one chunk per choice (the remote backend merges what one read held)
+    streamed: bool = True
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,10 @@ class LogprobEntry:
     top: list[tuple[str, float, list[int]]]          # (token, logprob, bytes), best first
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
-    """One completion's progress; the last chunk of a completion has `finish_reason` set."""
+    """One completion's progress; the last chunk of a completion has `finish_reason` set. Slotted: a long
+    answer makes thousands, each read and written a few times on its way through the gateway."""
     index: int
     text: str = ""
     reasoning_text: str = ""

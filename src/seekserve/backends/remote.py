@@ -178,14 +178,14 @@ class RemoteBackend:
             message = _scrub(_upstream_error(raw)[0], self._secret)
             raise BackendError(f"the upstream {self.config.name} answered JSON instead of an event stream: "
                                f"{message}", status=502, code="upstream_error", error_type="server_error")
-        return RemoteStream(response, self._chunks(response, request.params.n))
+        return RemoteStream(response, self._chunks(response, request.params.n, coalesce=not request.streamed))
 
     async def close(self) -> None:
         await self._pool.aclose()
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _chunks(self, response: Response, n: int) -> AsyncGenerator[Chunk, None]:
-        decoder = EventStreamDecoder(self.config.name, n)
+    async def _chunks(self, response: Response, n: int, coalesce: bool) -> AsyncGenerator[Chunk, None]:
+        decoder = EventStreamDecoder(self.config.name, n, coalesce)
         yielded = False
         try:
             async for raw in response:

@@ -35,6 +35,16 @@ class SSEParser:
     def feed(self, raw: bytes) -> list[SSEEvent]:
         self._buf += raw
         events: list[SSEEvent] = []
+        if not self._data and not self._event and self._buf.startswith(b"data: "):
+            # the commonest shape by far: events of one `data: ` line each, LF only. Split them all at once
+            # when every line break of the complete part is one of theirs
+            end = self._buf.rfind(b"\n\n") + 2
+            if end > 1:
+                complete = self._buf[:end]
+                if complete.count(b"\n") == 2 * complete.count(b"\n\ndata: ") + 2 and b"\r" not in complete:
+                    text = complete[6:-2].decode("utf-8", errors="replace")
+                    del self._buf[:end]
+                    return [_event((data, "message")) for data in text.split("\n\ndata: ")]
         if b"\r" not in self._buf:     # the usual LF-only stream: split all complete lines at once
             cut = self._buf.rfind(b"\n")
             if cut != -1:   # a multi-byte character never contains LF, so the complete part decodes whole
@@ -111,8 +121,8 @@ class EventStreamDecoder:
     go). A bad event ends the stream: the chunks decoded before it are returned and the error is kept in
     `failure`, for the caller to raise once they went out."""
 
-    def __init__(self, upstream: str, n: int) -> None:
-        self.upstream = upstream
+    def __init__(self, upstream: str, n: int, coalesce: bool = False) -> None:
+        self.upstream, self.coalesce = upstream, coalesce   # coalesce: one chunk per choice from each read
         self.parser, self.translator = SSEParser(), ChunkTranslator(upstream, n)
         self.done = False
         self.failure: BackendError | None = None
@@ -133,7 +143,7 @@ class EventStreamDecoder:
             self.failure = BackendError(f"the upstream {self.upstream} ended the stream before the completion "
                                         "finished", status=502, code="upstream_error", error_type="server_error")
             return chunks
-        return _marked(chunks + self.translator.flush())
+        return self._ready(chunks + self.translator.flush())
 
     def _translate(self, events: list[SSEEvent]) -> list[Chunk]:
         out: list[Chunk] = []
@@ -158,13 +168,36 @@ class EventStreamDecoder:
             except BackendError as e:
                 self.failure = e
                 break
-        return _marked(out)
+        return self._ready(out)
+
+    def _ready(self, chunks: list[Chunk]) -> list[Chunk]:
+        if self.coalesce and len(chunks) > 1:
+            chunks = coalesced(chunks)
+        for chunk in chunks[:-1]:
+            chunk.more_ready = True
+        return chunks
 
 
-def _marked(chunks: list[Chunk]) -> list[Chunk]:
-    for chunk in chunks[:-1]:
-        chunk.more_ready = True
-    return chunks
+def coalesced(chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks of one read as one chunk per choice, in order of first appearance: texts and logprobs
+    joined, the finish reason and the token counts of the choice's last chunk (counts are running totals,
+    set on a finishing chunk). For a client that waits for the whole answer, pieces that arrived together
+    need not travel through the gateway one by one. The chunks are this decoder's own: merged in place."""
+    merged: dict[int, Chunk] = {}
+    for chunk in chunks:
+        into = merged.get(chunk.index)
+        if into is None:
+            merged[chunk.index] = chunk
+            continue
+        into.text += chunk.text
+        into.reasoning_text += chunk.reasoning_text
+        into.token_ids = into.token_ids + chunk.token_ids
+        if chunk.logprobs is not None:
+            into.logprobs = (into.logprobs or []) + chunk.logprobs
+        into.finish_reason = chunk.finish_reason or into.finish_reason
+        into.num_prompt_tokens, into.num_cached_tokens = chunk.num_prompt_tokens, chunk.num_cached_tokens
+        into.num_output_tokens, into.num_reasoning_tokens = chunk.num_output_tokens, chunk.num_reasoning_tokens
+    return list(merged.values())
 
 
 class ChunkTranslator:

@@ -36,19 +36,34 @@ REASON_TOO_LARGE = "tpm_exceeds_limit"      # one request wants more tokens than
 REASON_UNAVAILABLE = "limiter_unavailable"  # the shared backend is down and failure_mode is "closed"
 
 
+class Rate(NamedTuple):
+    """One limited rate of a scope and its GCRA constants (the algorithm: this module's docstring)."""
+    kind: str                    # rps | rpm | tpm
+    limit: float
+    interval: float              # seconds per request (or token)
+    tolerance: float             # burst tolerance: one period, at least one interval
+    capacity: int                # what a full bucket holds (x-ratelimit-remaining at rest)
+
+    @classmethod
+    def of(cls, kind: str, limit: float) -> Rate:
+        interval = PERIOD_S[kind] / limit
+        tolerance = max(PERIOD_S[kind], interval)
+        return cls(kind, limit, interval, tolerance, math.floor(tolerance / interval + 1e-9))
+
+
 @dataclass(frozen=True)
 class Scope:
     key: str        # "key:key_ab12" or "tenant:acme": names the shared state, so it must be stable
     limits: Limits
-    # (kind, limit) of each rate this scope limits, in RATE_KINDS order; derived once from `limits`
-    rates: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
+    # each rate this scope limits, in RATE_KINDS order, with its GCRA constants; derived once from `limits`
+    rates: tuple[Rate, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (*RATE_KINDS, "max_concurrency"):
             value = getattr(self.limits, name)
             if value is not None and value <= 0:
                 raise ValueError(f"scope {self.key}: {name} must be positive or None, not {value}")
-        object.__setattr__(self, "rates", tuple((kind, limit) for kind in RATE_KINDS
+        object.__setattr__(self, "rates", tuple(Rate.of(kind, limit) for kind in RATE_KINDS
                                                 if (limit := getattr(self.limits, kind)) is not None))
 
     @property
@@ -81,6 +96,10 @@ class Check(NamedTuple):
     wait: float                  # seconds until this request would conform
     remaining: int               # requests (or tokens) that could pass right now
     reset: float                 # seconds until the bucket is back to full
+
+
+# a Check made without NamedTuple's Python-level __new__ (several per request)
+_check = functools.partial(tuple.__new__, Check)
 
 
 @runtime_checkable
@@ -131,26 +150,6 @@ def new_lease(scopes: list[Scope], tokens: int, counted: bool | None = None) -> 
     if counted is None:
         counted = any(s.limits.tpm is not None or s.limits.max_concurrency is not None for s in scopes)
     return Lease(f"{_LEASE_PREFIX}{next(_lease_numbers):x}", tuple(scopes), tokens, time.time(), counted)
-
-
-def gcra(stored: float | None, now: float, kind: str, limit: float, cost: int) -> tuple[float, float, float]:
-    """(tat, new_tat, wait): the effective theoretical arrival time, the one after admitting `cost`, and how
-    long this request must wait to conform (≤ SLACK_S: conforms). Mirrored in Lua in ratelimit_redis.py."""
-    interval = PERIOD_S[kind] / limit
-    tolerance = max(PERIOD_S[kind], interval)
-    tat = now if stored is None else max(stored, now)
-    new_tat = tat + cost * interval
-    return tat, new_tat, new_tat - tolerance - now
-
-
-def bucket_state(kind: str, limit: float, tat: float, now: float) -> tuple[int, float]:
-    """(remaining, reset) of a bucket whose theoretical arrival time is `tat`. Never more than the bucket holds:
-    with a limit so high that SLACK_S spans several intervals, the slack alone must not show as extra room."""
-    interval = PERIOD_S[kind] / limit
-    tolerance = max(PERIOD_S[kind], interval)
-    capacity = math.floor(tolerance / interval + 1e-9)
-    remaining = max(0, min(capacity, math.floor((now + tolerance - tat + SLACK_S) / interval)))
-    return remaining, max(0.0, tat - now)
 
 
 def format_duration(seconds: float) -> str:
@@ -238,16 +237,6 @@ def rejections_counter(registry: CollectorRegistry | None) -> Counter:
                    registry=registry if registry is not None else CollectorRegistry())
 
 
-class _Step(NamedTuple):
-    """One bucket's planned move in an in-process acquire."""
-    scope: str
-    kind: str
-    limit: float
-    tat: float        # theoretical arrival time as it stands
-    new_tat: float    # ... if this request is admitted
-    wait: float       # seconds until this request conforms
-
-
 class InProcessRateLimiter:
     """The embedded-mode limiter: the same semantics as RedisRateLimiter for one process, under a lock."""
 
@@ -279,28 +268,41 @@ class InProcessRateLimiter:
         return decision
 
     def _acquire_locked(self, scopes: list[Scope], tokens: int, now: float) -> Decision:
+        # GCRA (the module docstring), mirrored in Lua in ratelimit_redis.py: for each bucket, the theoretical
+        # arrival time `tat`, and how long this request must wait to conform (<= SLACK_S: it conforms)
         self._num_acquires += 1
         if self._num_acquires % self.SWEEP_EVERY == 0:
             self._sweep(now)
-        steps: list[_Step] = []
+        steps: list[tuple[dict[str, float] | None, Scope, Rate, float, float]] = []  # (tats, scope, rate, tat, wait)
         slots: list[tuple[int, int]] = []      # (max concurrency, slots in use) of each scope that has one
         conforming = True
         for scope in scopes:
             tats = self._tats.get(scope.key)
-            for kind, limit in scope.rates:
-                step = _Step(scope.key, kind, limit, *gcra(tats.get(kind) if tats else None, now, kind, limit,
-                                                           tokens if kind == "tpm" else 1))
-                conforming = conforming and step.wait <= SLACK_S
-                steps.append(step)
+            for rate in scope.rates:
+                stored = tats.get(rate.kind) if tats else None
+                tat = now if stored is None or stored < now else stored
+                wait = tat + (tokens if rate.kind == "tpm" else 1) * rate.interval - rate.tolerance - now
+                if wait > SLACK_S:
+                    conforming = False
+                steps.append((tats, scope, rate, tat, wait))
             most = scope.limits.max_concurrency
             if most is not None:
                 used = self._live_slots(scope.key, now)
                 conforming = conforming and used < most
                 slots.append((most, used))
         allowed = conforming and not too_large(scopes, tokens)
-        lease = self._commit(scopes, steps, tokens, now) if allowed else None
-        checks = [Check(st.kind, st.limit, st.wait,
-                        *bucket_state(st.kind, st.limit, st.new_tat if allowed else st.tat, now)) for st in steps]
+        checks: list[Check] = []
+        for tats, scope, rate, tat, wait in steps:
+            if allowed:
+                tat += (tokens if rate.kind == "tpm" else 1) * rate.interval
+                if tats is None:    # a scope's first request (or the first after a sweep): one dict per scope
+                    tats = self._tats.setdefault(scope.key, {})
+                tats[rate.kind] = tat
+            # never more than a full bucket: with 10^10 tpm, SLACK_S alone spans 166 tokens
+            remaining = math.floor((now + rate.tolerance - tat + SLACK_S) / rate.interval)
+            remaining = max(0, min(remaining, rate.capacity))
+            checks.append(_check((rate.kind, rate.limit, wait, remaining, tat - now if tat > now else 0.0)))
+        lease = self._lease(scopes, tokens, now) if allowed else None
         checks += [Check("concurrency", m, 0.0 if n < m else CONCURRENCY_RETRY_S, m - n - int(allowed), 0.0)
                    for m, n in slots]
         return decide(allowed, checks, scopes, tokens, lease)
@@ -311,9 +313,7 @@ class InProcessRateLimiter:
             del slots[lease_id]  # a lease never finished (its holder died) frees its slot at expiry
         return len(slots)
 
-    def _commit(self, scopes: list[Scope], steps: list[_Step], tokens: int, now: float) -> Lease:
-        for step in steps:
-            self._tats.setdefault(step.scope, {})[step.kind] = step.new_tat
+    def _lease(self, scopes: list[Scope], tokens: int, now: float) -> Lease:
         lease = new_lease(scopes, tokens)
         if lease.counted:
             expiry = now + self._lease_ttl

@@ -54,7 +54,7 @@ local n = (#KEYS - 1) / 2
 # KEYS: per scope i, [2i-1] bucket hash and [2i] concurrency zset; last, the lease key.
 # ARGV: lease id ('' = none), tokens, lease ttl µs, slack µs, then per scope rps, rpm, tpm, max concurrency
 # ('' = unlimited). Returns {ok, then per scope: (wait µs, remaining, reset µs) × rps/rpm/tpm, slots in use}.
-# The GCRA lines mirror gcra() and bucket_state() in ratelimit.py.
+# The GCRA lines mirror InProcessRateLimiter._acquire_locked in ratelimit.py.
 ACQUIRE_LUA = _NOW_LUA + """
 local lease_id, tokens, ttl, slack = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local PERIOD = {1000000, 60000000, 60000000}

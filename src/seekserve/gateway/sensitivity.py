@@ -5,6 +5,7 @@ Invariant: every source can only raise the level; none can lower what another on
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import unicodedata
 from bisect import bisect_right
@@ -231,10 +232,17 @@ def parse_header(value: str | None) -> Level | None:
 
 
 class SensitivityClassifier:
-    """Stateless after construction (compiled detectors, keywords, patterns): one serves all requests."""
+    """Fixed after construction (compiled detectors, keywords, patterns): one serves all requests.
 
-    def __init__(self, policy: SensitivityPolicy | None = None) -> None:
+    What a text holds depends on the text alone, so the findings of recently seen texts are kept (up to
+    `remember` texts, least recently used dropped first), keyed by a BLAKE2b digest of the text: never the
+    text itself, nor anything of it but offsets and kinds. A chat client sends its system prompt and the
+    whole conversation so far with every turn; only the new message is scanned."""
+
+    def __init__(self, policy: SensitivityPolicy | None = None, remember: int = 4096) -> None:
         self.policy = policy or SensitivityPolicy()
+        self._remember = remember
+        self._seen: dict[bytes, list[tuple[int, int, str]]] = {}   # digest -> rows, least recently used first
         self._detectors = [(kind, find, GATES.get(kind)) for kind, find in DETECTORS.items()
                            if kind in self.policy.detectors]
         self._keywords = keyword_regex(self.policy.keywords)
@@ -255,6 +263,21 @@ class SensitivityClassifier:
 
     def scan(self, text: str, part: int = 0) -> list[Finding]:
         """Findings in one text, ordered by position; offsets refer to `text` as given."""
+        if self._remember <= 0:
+            rows = self._rows(text)
+        else:
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            seen = self._seen
+            rows = seen.pop(digest, None)
+            if rows is None:
+                rows = self._rows(text)
+                if len(seen) >= self._remember:
+                    seen.pop(next(iter(seen), b""), None)
+            seen[digest] = rows     # (re-)inserted last: the most recently used
+        return [Finding(kind, start, end, part) for start, end, kind in rows]
+
+    def _rows(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, kind) of every finding in `text`, ordered by position."""
         normalized, offsets = normalize(text)
         scan = Scan(normalized)
         rows: list[tuple[int, int, str]] = []
@@ -275,7 +298,7 @@ class SensitivityClassifier:
         if offsets is not None:
             rows = [(*offsets.span(start, end), kind) for start, end, kind in rows]
         rows.sort()
-        return [Finding(kind, start, end, part) for start, end, kind in rows]
+        return rows
 
     def _keyword_matches(self, normalized: str) -> Iterator[re.Match[str]]:
         if self._keywords is None or self._keywords_any_case is None:

@@ -44,7 +44,7 @@ async def create_chat_completion(ctx: AppContext, principal: Principal, body: Ch
                             messages=[{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                                       for m in body.messages],
                             chat_template_kwargs=body.chat_template_kwargs or {},
-                            priority=principal.priority, cache_salt=principal.tenant)
+                            priority=principal.priority, cache_salt=principal.tenant, streamed=bool(body.stream))
     admission = await ctx.gateway.admit(principal, [gen], headers, "inference.chat")
     chunks = admission.streams[0]
     timer = RequestTimer(ctx.metrics, info.id)

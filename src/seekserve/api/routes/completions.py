@@ -52,7 +52,7 @@ async def create_completion(ctx: AppContext, principal: Principal, body: Complet
     echoes = ([p if isinstance(p, str) else ctx.detokenize(info.id, p) for p in prompts] if body.echo
               else [""] * len(prompts))
     gens = [GenerationRequest(request_id=f"{rid}-{i}", model=info.id, kind="completion", params=params, prompt=p,
-                              priority=principal.priority, cache_salt=principal.tenant)
+                              priority=principal.priority, cache_salt=principal.tenant, streamed=bool(body.stream))
             for i, p in enumerate(prompts)]
     admission = await ctx.gateway.admit(principal, gens, headers, "inference.completion")
     streams = admission.streams
