@@ -60,9 +60,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(model: Path, **settings: Any) -> Iterator[tuple[str, LocalBackend, Any]]:
-    """A real server on 127.0.0.1:<free port> in a thread; yields (base_url, backend, app)."""
+def make_app(model: Path, **settings: Any) -> tuple[Settings, LocalBackend, Any]:
+    """The app `seekserve serve` would build for the tiny model (its own store): (settings, backend, app)."""
     settings.setdefault("kv_cache_memory", 0.05)
     settings.setdefault("dtype", "float32")
     settings.setdefault("device", "cpu")
@@ -75,7 +74,13 @@ def running_server(model: Path, **settings: Any) -> Iterator[tuple[str, LocalBac
                                     num_reserved_slots=cfg.num_reserved_slots()))
     backend = LocalBackend(engine, cfg.served_model_name or [model.name], cfg.reasoning_parser,
                            cfg.max_queued_requests)
-    app = create_app(cfg, backend)
+    return cfg, backend, create_app(cfg, backend)
+
+
+@contextlib.contextmanager
+def running_server(model: Path, **settings: Any) -> Iterator[tuple[str, LocalBackend, Any]]:
+    """A real server on 127.0.0.1:<free port> in a thread; yields (base_url, backend, app)."""
+    cfg, backend, app = make_app(model, **settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=cfg.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

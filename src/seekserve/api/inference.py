@@ -71,6 +71,7 @@ class InferenceEndpoint:
         watcher: list[asyncio.Future[None]] = []
         timer = asyncio.get_running_loop().call_later(
             WATCH_AFTER, lambda: watcher.append(asyncio.ensure_future(_watch(receive, task, exchange))))
+        deferred = self.ctx.gateway.defer_settling()     # usage and audit once the answer is out
         try:
             await self._handle(scope, route, body, exchange, where)
         except asyncio.CancelledError:
@@ -81,6 +82,7 @@ class InferenceEndpoint:
             timer.cancel()
             for w in watcher:
                 w.cancel()
+            await self.ctx.gateway.settle_deferred(deferred)
 
     async def _handle(self, scope: Scope, route: tuple[type[BaseModel], Handler], body: bytes,
                       exchange: _Exchange, where: str) -> None:
@@ -208,5 +210,16 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
+_NAMES: dict[str, bytes] = {}     # header name -> its wire form: the same dozen names on every answer
+
+
 def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
+    out = []
+    for name, value in headers.items():
+        raw = _NAMES.get(name)
+        if raw is None:
+            raw = name.lower().encode("latin-1")
+            if len(_NAMES) < 256:
+                _NAMES[name] = raw
+        out.append((raw, value.encode("latin-1") if type(value) is str else str(value).encode("latin-1")))
+    return out

@@ -8,11 +8,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from seekserve.backends.base import BackendError, Chunk, GenerationRequest
-from seekserve.gateway.cache import (CachedResponse, CachePolicy, ResponseCache, cache_key, parse_cache_control,
-                                     should_cache)
+from seekserve.gateway.cache import (
+    CachedResponse,
+    CachePolicy,
+    ResponseCache,
+    cache_key,
+    parse_cache_control,
+    should_cache,
+)
 from seekserve.gateway.errors import GatewayError
 from seekserve.gateway.principal import Limits, Principal
 from seekserve.gateway.ratelimit import Decision, Lease, RateLimiter, refusal_error, scopes_for
@@ -24,6 +31,22 @@ from seekserve.store.usage import UsageRecord
 
 log = logging.getLogger("seekserve.gateway")
 PUBLIC = Classification(level=Level.public, findings=(), reasons=())
+
+
+class Deferred:
+    """Calls whose settling waits until their response is sent: usage, audit and the limiter's reconciling
+    are not the client's business, so the API's endpoint settles them after the last byte went out (still
+    inside the request, so drain waits for them and a test client sees them done). A call whose streams end
+    after `settle_deferred` (a stream dropped unclosed, finalised later) settles on the spot."""
+
+    __slots__ = ("calls", "open")
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.open = True
+
+
+_deferred: ContextVar[Deferred | None] = ContextVar("seekserve_deferred_settling", default=None)
 
 
 @dataclass
@@ -68,6 +91,20 @@ class Gateway:
         self.tenant_limits = dict(tenant_limits or {})
         self.prices = {**DEFAULT_PRICES, **(prices or {})}
         self.default_max_tokens, self.site = default_max_tokens, site
+
+    # -- settling after the response ----------------------------------------------------------------
+    @staticmethod
+    def defer_settling() -> Deferred:
+        """From here on in this task (and tasks it starts), calls settle at `settle_deferred`."""
+        deferred = Deferred()
+        _deferred.set(deferred)
+        return deferred
+
+    async def settle_deferred(self, deferred: Deferred) -> None:
+        deferred.open = False
+        for call in deferred.calls:
+            await self.settle(call)
+        deferred.calls.clear()
 
     # -- the pipeline ------------------------------------------------------------------------------
     async def admit(self, principal: Principal, requests: list[GenerationRequest], headers: Mapping[str, str],
@@ -164,7 +201,11 @@ class Gateway:
             if cache_key_ is not None and call.status == 200:
                 await self._store(cache_key_, seen, call.requests[source])
             if call.open_streams == 0:
-                await self.settle(call)
+                deferred = _deferred.get()
+                if deferred is not None and deferred.open:
+                    deferred.calls.append(call)
+                else:
+                    await self.settle(call)
 
     async def _store(self, key: str, chunks: list[Chunk], request: GenerationRequest) -> None:
         assert self.cache is not None
