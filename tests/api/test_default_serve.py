@@ -26,8 +26,10 @@ def test_serve_with_no_arguments_starts_the_shipped_model(tmp_path) -> None:
         ready = None
         while time.monotonic() - t0 < 60:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                probe = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1)
+                if probe.status_code == 200:
                     ready = time.monotonic() - t0
+                    assert "server" not in probe.headers and "date" in probe.headers   # no software named
                     break
             except httpx.TransportError:
                 pass

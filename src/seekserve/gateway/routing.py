@@ -10,10 +10,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from seekserve.backends.base import Backend, BackendError, Chunk, GenerationRequest
 from seekserve.gateway.errors import GatewayError
@@ -85,6 +85,11 @@ class RouteMatch(_Strict):
     min_prompt_chars: int | None = Field(None, ge=0)
     max_prompt_chars: int | None = Field(None, ge=0)
 
+    _levels: frozenset[int] = PrivateAttr(frozenset())     # `sensitivity` as level numbers, for matches()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._levels = frozenset(LEVELS[n] for n in self.sensitivity or ())
+
     @model_validator(mode="after")
     def _bounds(self) -> RouteMatch:
         lo, hi = self.min_prompt_chars, self.max_prompt_chars
@@ -96,7 +101,7 @@ class RouteMatch(_Strict):
         tier = getattr(ctx.tier, "value", ctx.tier)   # a principal.Tier or its name
         return ((self.models is None or any(fnmatchcase(ctx.model, p) for p in self.models))
                 and (self.tenants is None or any(fnmatchcase(ctx.tenant, p) for p in self.tenants))
-                and (self.sensitivity is None or int(ctx.level) in {LEVELS[n] for n in self.sensitivity})
+                and (self.sensitivity is None or int(ctx.level) in self._levels)
                 and (self.tiers is None or tier in self.tiers)
                 and (self.min_prompt_chars is None or ctx.prompt_chars >= self.min_prompt_chars)
                 and (self.max_prompt_chars is None or ctx.prompt_chars <= self.max_prompt_chars))
@@ -196,7 +201,8 @@ class Router:
             raise GatewayError(503, "no routing rule matches this request", code="no_route",
                                error_type="service_unavailable_error")
         names, overflowed = self._ordered(rule)
-        if not any(self._serves(e, ctx.model) for e in self.entries.values()):
+        serving = {name for name, entry in self.entries.items() if self._serves(entry, ctx.model)}
+        if not serving:
             raise GatewayError(404, f"The model `{ctx.model}` does not exist or you do not have access to it.",
                                code="model_not_found", error_type="invalid_request_error", param="model")
         if ctx.is_local_only:
@@ -205,7 +211,7 @@ class Router:
             if not names:
                 raise GatewayError(503, "no local backend is available for this sensitive request",
                                    code="no_local_backend", error_type="service_unavailable_error")
-        names = [n for n in names if self._serves(self.entries[n], ctx.model)]
+        names = [n for n in names if n in serving]
         if not names:
             raise GatewayError(503, f"no backend of route {rule.name!r} that may take this request serves "
                                f"model `{ctx.model}`", code="model_unavailable",
