@@ -468,19 +468,20 @@ def _has_runs(scan: Scan) -> bool:
     return bool(scan.runs)
 
 
-def _has_digit(scan: Scan) -> bool:
-    return _ANY_DIGIT.search(scan.text) is not None
+def _may_hold_passport(scan: Scan) -> bool:
+    runs = scan.runs
+    return 7 in runs or 8 in runs or "护照" in scan.text or "passport" in scan.lower
 
 
-_ANY_DIGIT = re.compile(r"[0-9]")
 # What a text must hold for a detector to find anything, tested first (most prompts hold no number): the
-# digit detectors draw every candidate from Scan.runs; a passport also comes after "护照"/"passport" but
-# needs digits; an IP address is a digit run or has a colon. Email addresses have spelled-out forms: no gate.
+# digit detectors draw every candidate from Scan.runs; a passport number is a run of 7 or 8 digits after its
+# letters, or follows "护照"/"passport" (found in the lower-cased text: "passport" is ASCII, so lower() never
+# moves it); an IP address is a digit run or has a colon. Email addresses have spelled-out forms: no gate.
 GATES: dict[str, Callable[[Scan], bool]] = {
     "cn_id": _has_runs,
     "bank_card": _has_runs,
     "cn_mobile": _has_runs,
-    "passport": _has_digit,
+    "passport": _may_hold_passport,
     "ip": lambda scan: bool(scan.runs) or ":" in scan.text,
 }
 

@@ -220,6 +220,9 @@ def _outermost(found: Iterable[Span]) -> list[Span]:
 
 
 # --- the classifier -----------------------------------------------------------------------------------
+# "default:internal", "key:confidential", "header:public" …: the reasons' spellings, made once
+_REASONS: dict[tuple[str, Level], str] = {(source, lvl): f"{source}:{lvl.name}"
+                                           for source in ("default", "key", "header") for lvl in Level}
 def parse_header(value: str | None) -> Level | None:
     """The X-Data-Classification header's level (None when absent); a bad value is the client's error."""
     if value is None:
@@ -259,7 +262,7 @@ class SensitivityClassifier:
         if isinstance(texts, str):   # a bare string is a Sequence[str] of characters: never meant
             texts = (texts,)
         findings = tuple(f for part, text in enumerate(texts) for f in self.scan(text, part))
-        return self._decide(findings, tenant, header_level, Level(minimum))
+        return self._decide(findings, tenant, header_level, minimum if type(minimum) is Level else Level(minimum))
 
     def scan(self, text: str, part: int = 0) -> list[Finding]:
         """Findings in one text, ordered by position; offsets refer to `text` as given."""
@@ -311,15 +314,26 @@ class SensitivityClassifier:
 
     def _decide(self, findings: tuple[Finding, ...], tenant: str, header: Level | None,
                 minimum: Level) -> Classification:
+        """The highest level of the sources, and the reasons: each source above public, in the order default,
+        tenant, key, header, then each kind found once, in order of appearance."""
         p = self.policy
-        sources = [(p.default_level, f"default:{p.default_level.name}")]
-        if tenant in p.tenant_levels:
-            sources.append((p.tenant_levels[tenant], f"tenant:{tenant}"))
-        sources.append((minimum, f"key:{minimum.name}"))
-        if header is not None:
-            sources.append((header, f"header:{header.name}"))
-        for kind in dict.fromkeys(f.kind for f in findings):   # each kind once, in order of appearance
-            is_pii = kind in DETECTORS
-            sources.append((p.pii_level if is_pii else p.keyword_level, f"pii:{kind}" if is_pii else kind))
-        level = max(level for level, _ in sources)
-        return Classification(level, findings, tuple(r for lvl, r in sources if lvl > Level.public))
+        level = p.default_level
+        reasons = [_REASONS["default", level]] if level else []
+        tenant_level = p.tenant_levels.get(tenant)
+        if tenant_level:    # (Level.public is 0: a tenant listed at public adds nothing)
+            level = max(level, tenant_level)
+            reasons.append(f"tenant:{tenant}")
+        if minimum:
+            level = max(level, minimum)
+            reasons.append(_REASONS["key", minimum])
+        if header:
+            level = max(level, header)
+            reasons.append(_REASONS["header", header])
+        if findings:
+            for kind in dict.fromkeys(f.kind for f in findings):   # each kind once, in order of appearance
+                is_pii = kind in DETECTORS
+                found = p.pii_level if is_pii else p.keyword_level
+                if found:
+                    level = max(level, found)
+                    reasons.append(f"pii:{kind}" if is_pii else kind)
+        return Classification(level, findings, tuple(reasons))
