@@ -421,6 +421,6 @@ def test_failure_after_the_first_chunk_ends_the_stream_with_an_error_event(fresh
     assert not any(c.get("finish_reason") for p in payloads for c in p.get("choices", []))
     assert len(up.requests) == 1      # bytes were sent: never retried, never replayed on local
     m = fresh.metrics()
-    assert cloud_attempts(m, "error") == 1
+    assert cloud_attempts(m, "error") == 1 and cloud_attempts(m, "ok") == 0    # counted once, as a failure
     assert metric_value(m, "seekserve:backend_retries_total", backend="cloud") == 0
     assert metric_value(m, "seekserve:route_decisions_total", rule="public", backend="local") == 0

@@ -407,6 +407,27 @@ def test_early_close_closes_the_upstream_stream() -> None:
     assert sample(router, "seekserve:backend_requests_total", backend="local", rule="r", outcome="ok") == 1
 
 
+def test_a_committed_stream_read_by_its_parts_reports_once() -> None:
+    """The gateway pipeline reads `first` and `stream` itself and reports through failed() and aclose(): a
+    fault reaches the breaker once and is counted once as an error, never also as ok; closing twice is one
+    close."""
+    backends = {"local": Scripted(["break"]), "cloud": Scripted(chunks=3)}
+    router, _ = make_router(backends, [rule("r", ["local"]), rule("c", ["cloud"])])
+
+    async def main() -> None:
+        _, _, committed = await router.start(ctx(), REQUEST)
+        assert committed.first is not None and committed.first.text == "0"
+        error = BackendError("upstream reset", status=502, retryable=True)
+        committed.failed(error)
+        committed.failed(error)
+        await committed.aclose()
+        await committed.aclose()
+    asyncio.run(main())
+    assert router.breakers["local"].consecutive_failures == 1 and backends["local"].closed == 1
+    assert sample(router, "seekserve:backend_requests_total", backend="local", rule="r", outcome="error") == 1
+    assert not sample(router, "seekserve:backend_requests_total", backend="local", rule="r", outcome="ok")
+
+
 def test_empty_stream_and_not_ready_backend() -> None:
     backends = {"local": Scripted(["empty"]), "local2": Scripted()}
     router, _ = make_router(backends, [rule("r", ["local", "local2"])])

@@ -23,7 +23,7 @@ from seekserve.gateway.cache import (
 from seekserve.gateway.errors import GatewayError
 from seekserve.gateway.principal import Limits, Principal
 from seekserve.gateway.ratelimit import Decision, Lease, RateLimiter, refusal_error, scopes_for
-from seekserve.gateway.routing import RouteContext, Router
+from seekserve.gateway.routing import Committed, RouteContext, Router
 from seekserve.gateway.sensitivity import Classification, Level, SensitivityClassifier
 from seekserve.gateway.usage import DEFAULT_PRICES, Price, RecordWriter, cost_usd
 from seekserve.store.audit import AuditEvent
@@ -177,18 +177,39 @@ class Gateway:
         except ValueError:      # a value with no canonical JSON form: simply not cacheable
             return False, False, None
 
-    async def _settling(self, call: _Call, source: int, stream: AsyncIterator[Chunk],
+    async def _settling(self, call: _Call, source: int, stream: AsyncIterator[Chunk] | Committed,
                         cache_key_: str | None) -> AsyncIterator[Chunk]:
+        """The chunks, counted (and kept for the cache); the call settles when its last stream ends. A routed
+        stream is read through its parts (the router's own reader would be one more step per chunk)."""
         seen: list[Chunk] = []
+        committed = stream if type(stream) is Committed else None
         try:
-            async for chunk in stream:
+            if committed is not None:
+                first, committed.first = committed.first, None
+                if first is not None:
+                    call.prompt[source] = (first.num_prompt_tokens, first.num_cached_tokens)
+                    call.output[(source, first.index)] = first.num_output_tokens
+                    if cache_key_ is not None:
+                        seen.append(first)
+                    yield first
+                chunks: AsyncIterator[Chunk] = committed.stream
+            else:
+                chunks = stream
+            async for chunk in chunks:
                 call.prompt[source] = (chunk.num_prompt_tokens, chunk.num_cached_tokens)
                 call.output[(source, chunk.index)] = chunk.num_output_tokens
                 if cache_key_ is not None:
                     seen.append(chunk)
                 yield chunk
         except (BackendError, GatewayError) as e:
+            if committed is not None:
+                committed.failed(e)
             call.status = e.status
+            raise
+        except Exception as e:     # a bug, not the backend's answer: the server failed
+            if committed is not None:
+                committed.failed(e)
+            call.status = 500
             raise
         except BaseException:
             call.status = 499 if call.status == 200 else call.status   # cancelled: the client went away

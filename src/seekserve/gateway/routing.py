@@ -233,7 +233,7 @@ class Router:
         return any(m.id == model for m in entry.backend.models())
 
     # -- serving ------------------------------------------------------------------------------
-    async def start(self, ctx: RouteContext, request: GenerationRequest) -> tuple[str, str, AsyncIterator[Chunk]]:
+    async def start(self, ctx: RouteContext, request: GenerationRequest) -> tuple[str, str, Committed]:
         """Open the request on the first candidate that answers; returns (backend, rule, stream). Nothing
         has reached the client before this returns, which is why retry and fallback end here."""
         plan = self.plan(ctx)
@@ -242,7 +242,7 @@ class Router:
             result = await self._try_backend(self.entries[name], plan.rule, request, ctx.is_local_only)
             if isinstance(result, tuple):
                 child(self.metrics.decisions, plan.rule, name).inc()
-                return name, plan.rule, self._committed(name, plan.rule, *result)
+                return name, plan.rule, Committed(self, name, plan.rule, *result)
             if isinstance(result, BackendError):
                 last_error = result
                 outcome = "fallback" if i < len(plan.candidates) - 1 else "error"
@@ -301,23 +301,54 @@ class Router:
             await self._sleep(delay)
         return error or _SKIPPED
 
-    async def _committed(self, name: str, rule: str, stream: AsyncIterator[Chunk],
-                         first: Chunk | None) -> AsyncIterator[Chunk]:
-        """The peeked chunk, then the rest. A failure from here on reaches the client as is: bytes may
-        have been sent, so replaying elsewhere could duplicate output."""
-        failed = False
+
+class Committed:
+    """The stream a request was committed to: the peeked first chunk, then the rest. A failure from here on
+    reaches the client as is: bytes may have been sent, so replaying elsewhere could duplicate output.
+
+    Read it as an async iterator, or (the gateway pipeline, which saves a layer per chunk) take `first` and
+    `stream` and report through `failed()` and `aclose()` itself: the breaker learns of backend faults, and
+    the outcome is counted once, "ok" unless it failed (a client closing it early is no fault)."""
+
+    __slots__ = ("_closed", "_failed", "_router", "first", "name", "rule", "stream")
+
+    def __init__(self, router: Router, name: str, rule: str, stream: AsyncIterator[Chunk],
+                 first: Chunk | None) -> None:
+        self._router, self.name, self.rule, self.stream, self.first = router, name, rule, stream, first
+        self._failed = self._closed = False
+
+    def failed(self, e: BaseException) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        if is_backend_fault(e):
+            self._router.breakers[self.name].record_failure()
+        child(self._router.metrics.requests, self.name, self.rule, "error").inc()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
-            if first is not None:
-                yield first
-            async for chunk in stream:
-                yield chunk
-        except Exception as e:
-            failed = True
-            if is_backend_fault(e):
-                self.breakers[name].record_failure()
-            child(self.metrics.requests, name, rule, "error").inc()
-            raise
+            await aclose_stream(self.stream)
         finally:
-            await aclose_stream(stream)
-            if not failed:    # finished, or closed early by the client: the backend did its part
-                child(self.metrics.requests, name, rule, "ok").inc()
+            if not self._failed:
+                child(self._router.metrics.requests, self.name, self.rule, "ok").inc()
+
+    def __aiter__(self) -> Committed:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        try:
+            return await self.stream.__anext__()
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except Exception as e:
+            self.failed(e)
+            await self.aclose()
+            raise
