@@ -74,6 +74,11 @@ class _Call:
     output: dict[tuple[int, int], int] = field(default_factory=dict)     # (source, choice) -> tokens
     settled: bool = False
 
+    def count(self, source: int, chunk: Chunk) -> None:
+        """The chunk's running token counts (a stream cut short still has its latest)."""
+        self.prompt[source] = (chunk.num_prompt_tokens, chunk.num_cached_tokens)
+        self.output[(source, chunk.index)] = chunk.num_output_tokens
+
     def tokens(self) -> tuple[int, int, int]:
         prompt = sum(p for p, _ in self.prompt.values())
         return prompt, sum(c for _, c in self.prompt.values()), sum(self.output.values())
@@ -187,8 +192,7 @@ class Gateway:
             if committed is not None:
                 first, committed.first = committed.first, None
                 if first is not None:
-                    call.prompt[source] = (first.num_prompt_tokens, first.num_cached_tokens)
-                    call.output[(source, first.index)] = first.num_output_tokens
+                    call.count(source, first)
                     if cache_key_ is not None:
                         seen.append(first)
                     yield first
@@ -196,8 +200,7 @@ class Gateway:
             else:
                 chunks = stream
             async for chunk in chunks:
-                call.prompt[source] = (chunk.num_prompt_tokens, chunk.num_cached_tokens)
-                call.output[(source, chunk.index)] = chunk.num_output_tokens
+                call.count(source, chunk)
                 if cache_key_ is not None:
                     seen.append(chunk)
                 yield chunk
