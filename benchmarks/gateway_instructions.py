@@ -3,6 +3,7 @@
 valgrind's callgrind, so two versions of the code can be compared exactly on a machine whose timings move
 ±25% from one minute to the next (gateway_overhead.py measures time; this measures work).
 
+Requests are those of gateway_overhead.py: a system prompt and a user prompt of each request's own.
 The app is built in-process (as `seekserve serve` builds it, without uvicorn or a client socket) with a
 remote upstream "cloud" served by the fake OpenAI upstream in its own process, a real API key with rpm/tpm
 limits, sensitivity classification and the usage/audit writer. After --warmup requests, callgrind counts

@@ -4,13 +4,15 @@ audit) adds to a request it forwards to a remote upstream, against the same requ
 directly, in one run. Targets on a 2-core machine: <= 1 ms added p50 at concurrency 1, <= 1 ms of CPU per
 request. Three processes, so each one's CPU is its own:
 
-  * the fake OpenAI upstream (`python -m tests.backends.upstream`, non-recording fast mode);
+  * the fake OpenAI upstream (`python -m tests.backends.upstream`, non-recording fast mode: each kind of
+    answer built once, written in one piece);
   * `seekserve serve --config` with an upstream "cloud", a route sending public traffic there, a real API
     key with rpm/tpm limits (so the limiter runs) made by `seekserve keys create`;
   * this script: a raw-socket HTTP/1.1 keep-alive load generator (not the bottleneck: its CPU is printed).
 
 For each repeat, each mode (JSON body, SSE stream read to [DONE]) and each concurrency, every target gets
---warmup requests, then --requests timed ones. CPU = utime + stime of the process tree from /proc, before
+--warmup requests, then --requests timed ones, each with a user prompt of its own (the system prompt is
+shared), as real traffic has. CPU = utime + stime of the process tree from /proc, before
 and after the timed part. Medians over --repeat.
 
   python benchmarks/gateway_overhead.py [--repeat 3] [--requests 1000]
