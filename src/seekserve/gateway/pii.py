@@ -482,7 +482,7 @@ GATES: dict[str, Callable[[Scan], bool]] = {
     "bank_card": _has_runs,
     "cn_mobile": _has_runs,
     "passport": _may_hold_passport,
-    "ip": lambda scan: bool(scan.runs) or ":" in scan.text,
+    "ip": lambda scan: _has_runs(scan) or ":" in scan.text,
 }
 
 DETECTORS: dict[str, Callable[[Scan], Iterator[Span]]] = {

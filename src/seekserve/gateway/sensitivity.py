@@ -223,6 +223,8 @@ def _outermost(found: Iterable[Span]) -> list[Span]:
 # "default:internal", "key:confidential", "header:public" …: the reasons' spellings, made once
 _REASONS: dict[tuple[str, Level], str] = {(source, lvl): f"{source}:{lvl.name}"
                                            for source in ("default", "key", "header") for lvl in Level}
+
+
 def parse_header(value: str | None) -> Level | None:
     """The X-Data-Classification header's level (None when absent); a bad value is the client's error."""
     if value is None:
