@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from seekserve.gateway.pipeline import Deferred, Gateway
 from tests.api.conftest import API_KEY, make_app
 
 
@@ -72,3 +74,20 @@ def test_usage_is_recorded_after_the_answer_is_sent(chat_model: Path, stream: bo
                 assert log[-1] == "usage 499", log
             assert writer.flush(10)
     asyncio.run(main())
+
+
+def test_a_call_that_fails_to_settle_is_logged_and_the_others_still_settle(caplog: pytest.LogCaptureFixture
+                                                                            ) -> None:
+    gateway = Gateway.__new__(Gateway)     # only settle_deferred's own logic is under test
+    settled: list[str] = []
+
+    async def settle(call: Any) -> None:
+        if call.requests[0].request_id == "bad":
+            raise RuntimeError("the store refused")
+        settled.append(call.requests[0].request_id)
+    gateway.settle = settle  # type: ignore[method-assign]
+    deferred = Deferred()
+    deferred.calls += [SimpleNamespace(requests=[SimpleNamespace(request_id=rid)]) for rid in ("a", "bad", "b")]
+    asyncio.run(gateway.settle_deferred(deferred))
+    assert settled == ["a", "b"] and not deferred.open and not deferred.calls
+    assert "settling bad failed" in caplog.text

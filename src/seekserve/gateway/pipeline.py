@@ -106,9 +106,14 @@ class Gateway:
         return deferred
 
     async def settle_deferred(self, deferred: Deferred) -> None:
+        """Settle the calls held back. The answer is out: a call that fails to settle is logged, and the
+        others still settle."""
         deferred.open = False
         for call in deferred.calls:
-            await self.settle(call)
+            try:
+                await self.settle(call)
+            except Exception:   # after the response there is no one else to tell
+                log.exception("settling %s failed", call.requests[0].request_id)
         deferred.calls.clear()
 
     # -- the pipeline ------------------------------------------------------------------------------
@@ -204,15 +209,11 @@ class Gateway:
                 if cache_key_ is not None:
                     seen.append(chunk)
                 yield chunk
-        except (BackendError, GatewayError) as e:
+        except Exception as e:
             if committed is not None:
                 committed.failed(e)
-            call.status = e.status
-            raise
-        except Exception as e:     # a bug, not the backend's answer: the server failed
-            if committed is not None:
-                committed.failed(e)
-            call.status = 500
+            # the backend's or the gateway's own answer; anything else is a bug: the server failed
+            call.status = e.status if isinstance(e, (BackendError, GatewayError)) else 500
             raise
         except BaseException:
             call.status = 499 if call.status == 200 else call.status   # cancelled: the client went away
